@@ -1,0 +1,236 @@
+"""The one door: every Snakemake rule, DVC stage and user calls `ctan <command>`.
+
+Heavy modules (torch, zarr, mlflow) are imported inside each command so that `ctan --help` is fast.
+A `CtanError` becomes one line on stderr (`ctan: error: FILE: problem`) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ctan.errors import CtanError
+
+ARCHITECTURES = ["stl", "hps", "mtan", "ctan", "ctan_no_ctae", "ctan_no_ctab"]
+
+
+def _settings(args: argparse.Namespace):
+    from ctan.config import dataset_settings, load_params
+
+    return dataset_settings(load_params(args.params), args.dataset)
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from ctan.fetch import download_dataset
+
+    out = download_dataset(_settings(args), source=args.source, sha256=args.sha256, force=args.force)
+    print(out)
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from ctan.preprocess.pipeline import preprocess_dataset
+
+    out = preprocess_dataset(_settings(args), force=args.force)
+    print(out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ctan.config import load_params
+    from ctan.training.trainer import train
+
+    params = load_params(args.params)
+    train(params, args.dataset, args.arch, args.seed, task=args.task, device=args.device)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctan.config import load_params
+    from ctan.evaluation import evaluate
+
+    params = load_params(args.params)
+    out = evaluate(params, args.dataset, args.arch, args.seed, device=args.device)
+    print(out)
+    return 0
+
+
+def _cmd_openkbp_score(args: argparse.Namespace) -> int:
+    import json
+
+    from ctan.metrics.dose import score_directories
+
+    result = score_directories(Path(args.reference), Path(args.predictions))
+    text = json.dumps(result, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from ctan.config import load_params
+    from ctan.summary import summarize
+
+    out = summarize(load_params(args.params), Path(args.output))
+    print(out)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from ctan.provenance import audit
+
+    return audit(Path(args.summary))
+
+
+def _cmd_init_tracking(args: argparse.Namespace) -> int:
+    from ctan.config import load_params
+    from ctan.tracking import init_tracking
+
+    print(init_tracking(load_params(args.params)))
+    return 0
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params",
+        action="append",
+        metavar="FILE",
+        help="parameter file; repeat to merge overrides in order (default: params.yaml)",
+    )
+
+
+def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
+    p.add_argument("--dataset", required=True, help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument("--arch", required=True, choices=ARCHITECTURES, help="architecture")
+    p.add_argument("--seed", required=True, type=int, help="random seed")
+    if task:
+        p.add_argument("--task", help="for --arch stl: the single task to train (one job per task)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctan",
+        description=(
+            "Cross-Task Attention Network (CTAN) and multi-task baselines (STL, HPS, MTAN) for medical "
+            "imaging. Stages: download -> preprocess -> train -> evaluate -> summarize -> audit. "
+            "Normally run through `snakemake --cores 8 results/summary.csv` or `dvc repro`."
+        ),
+    )
+    from ctan import __version__
+
+    parser.add_argument("--version", action="version", version=f"ctan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], argparse.ArgumentParser]] = {}
+
+    def add(name: str, func, help_: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description)
+        p.set_defaults(func=func)
+        commands[name] = (func, p)
+        return p
+
+    p = add(
+        "download",
+        _cmd_download,
+        "fetch a dataset's official files (or generate demo data) into data/raw/DATASET",
+        "Fetch DATASET from its configured source (official URL, local archive or folder, or `demo`), "
+        "verify the pinned SHA-256, extract safely (no `..`, absolute paths or links) and move the "
+        "result into place only when complete.",
+    )
+    _add_params(p)
+    p.add_argument("dataset", help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument("--source", help="override the configured source: a local archive, folder or URL")
+    p.add_argument("--sha256", help="override the pinned SHA-256 of the source archive")
+    p.add_argument("--force", action="store_true", help="replace an existing download")
+
+    p = add(
+        "preprocess",
+        _cmd_preprocess,
+        "resample/resize a downloaded dataset into one sharded Zarr store per split",
+        "Read every case of DATASET from data/raw, resample to the configured spacing/shape "
+        "(linear for CT and dose, nearest for masks), write one Zarr store per split plus a manifest "
+        "with source and content hashes. Output appears only when complete.",
+    )
+    _add_params(p)
+    p.add_argument("dataset", help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument("--force", action="store_true", help="replace existing stores")
+
+    p = add(
+        "train",
+        _cmd_train,
+        "train one architecture on one dataset with one seed (resumes from its last checkpoint)",
+        "Train ARCH on DATASET with SEED using the settings in params.yaml; selects the best epoch on "
+        "the validation split and logs the run to MLflow. A killed job started again resumes.",
+    )
+    _add_params(p)
+    _add_run_ids(p, task=True)
+
+    p = add(
+        "evaluate",
+        _cmd_evaluate,
+        "score a trained model on the test split (metrics JSON, predictions)",
+        "Evaluate the trained ARCH/SEED models of DATASET on its test split: OpenKBP dose and DVH "
+        "scores, Dice/HD95, thresholded Jaccard, balanced accuracy and AUCs as the field defines them.",
+    )
+    _add_params(p)
+    _add_run_ids(p)
+
+    p = add(
+        "openkbp-score",
+        _cmd_openkbp_score,
+        "score OpenKBP challenge-format dose predictions against a reference split",
+        "Compute the OpenKBP dose score and DVH score of pt_*.csv predictions against the reference "
+        "patients (a provided-data split folder), as the challenge's reference code does.",
+    )
+    p.add_argument("--reference", required=True, help="folder of reference patients (pt_*/dose.csv, ...)")
+    p.add_argument("--predictions", required=True, help="folder of predicted pt_*.csv dose files")
+    p.add_argument("--output", help="also write the JSON here")
+
+    p = add(
+        "summarize",
+        _cmd_summarize,
+        "collect every evaluation into results/summary.csv with Δ_MTL and provenance",
+        "Gather the metrics of every dataset × architecture × seed in params.yaml, compare each to "
+        "STL, compute Δ_MTL, and record provenance (data hashes, code version, params hash, MLflow run).",
+    )
+    _add_params(p)
+    p.add_argument("--output", default="results/summary.csv", help="summary CSV to write")
+
+    p = add(
+        "audit",
+        _cmd_audit,
+        "check that the data and models behind every number in a summary are unchanged",
+        "Recompute the hashes of the preprocessed data and models recorded in SUMMARY and report, for "
+        "each row, whether what produced it is unchanged. Exits 1 if anything changed.",
+    )
+    p.add_argument("summary", help="results/summary.csv")
+
+    p = add(
+        "init-tracking",
+        _cmd_init_tracking,
+        "create the MLflow store and experiment once, before parallel jobs start",
+        "Create the MLflow tracking database and experiment (parallel jobs racing on a new SQLite "
+        "store crash); MLFLOW_TRACKING_URI overrides params.yaml.",
+    )
+    _add_params(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CtanError as err:
+        print(f"ctan: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

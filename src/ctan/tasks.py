@@ -1,0 +1,53 @@
+"""Task records: what a model predicts for one task, how it is scored and which way is better.
+
+Architectures, tasks and loss weighting are kept apart (as in LibMTL): a model is built from a list of
+`Task`s and returns `{task.name: prediction}`; the trainer picks each task's loss from its kind; the
+evaluator picks its metrics. A dataset module declares which tasks it offers (`TASKS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["segmentation", "regression", "classification"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction target.
+
+    kind:
+        ``segmentation`` dense masks with ``channels`` structures (``multilabel``: structures may
+        overlap, one sigmoid each; otherwise softmax over ``channels`` classes incl. background);
+        ``regression`` dense real values with ``channels`` channels (dose in Gy);
+        ``classification`` image-level with ``classes`` classes (2 = binary, one logit).
+    target:
+        the array or label name in the preprocessed store (``dose``, ``structures``, ``lesion``,
+        ``diagnosis``, ``covid``, ``severity``).
+    primary_metric / higher_is_better:
+        the metric used to select the best epoch and for Δ_MTL's sign.
+    """
+
+    name: str
+    kind: Kind
+    target: str
+    channels: int = 1
+    classes: int = 0
+    multilabel: bool = False
+    class_names: tuple[str, ...] = ()
+    primary_metric: str = ""
+    higher_is_better: bool = True
+    metrics: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def dense(self) -> bool:
+        """Pixel-level tasks need a decoder; image-level tasks a pooled head."""
+        return self.kind in ("segmentation", "regression")
+
+    @property
+    def out_channels(self) -> int:
+        """Number of output channels (dense) or logits (image-level) the head must produce."""
+        if self.kind == "classification":
+            return 1 if self.classes == 2 else self.classes
+        return self.channels

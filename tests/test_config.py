@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctan.cli import main
+from ctan.config import dataset_settings, load_params
+from ctan.errors import CtanError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_params_validate_and_merge_overrides():
+    params = load_params([REPO / "params.yaml"])
+    ham = dataset_settings(params, "ham10000_demo")
+    assert ham.training["batch_size"] == 8  # per-dataset override
+    assert ham.training["lr"] == params["training"]["lr"]  # global default kept
+
+
+def test_override_file_merges_deeply(tmp_path):
+    override = tmp_path / "o.yaml"
+    override.write_text(yaml.safe_dump({"training": {"epochs": 3}}))
+    params = load_params([REPO / "params.yaml", override])
+    assert params["training"]["epochs"] == 3
+    assert params["training"]["batch_size"] == 4
+
+
+def test_invalid_parameter_names_the_key(tmp_path):
+    override = tmp_path / "bad.yaml"
+    override.write_text(yaml.safe_dump({"training": {"weighting": "magic"}}))
+    with pytest.raises(CtanError, match="training/weighting"):
+        load_params([REPO / "params.yaml", override])
+
+
+def test_cli_reports_missing_params_file_in_one_line(tmp_path, capsys):
+    code = main(["download", "openkbp_demo", "--params", str(tmp_path / "nope.yaml")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.yaml" in err[0]
