@@ -23,17 +23,19 @@ def _settings(args: argparse.Namespace):
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     from ctan.fetch import download_dataset
 
-    out = download_dataset(_settings(args), source=args.source, sha256=args.sha256, force=args.force)
+    out = download_dataset(settings, source=args.source, sha256=args.sha256, force=args.force)
     print(out)
     return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     from ctan.preprocess.pipeline import preprocess_dataset
 
-    out = preprocess_dataset(_settings(args), force=args.force)
+    out = preprocess_dataset(settings, force=args.force)
     print(out)
     return 0
 
