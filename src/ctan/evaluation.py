@@ -1,0 +1,352 @@
+"""`ctan evaluate`: score trained models on the test split with the field's metrics.
+
+Writes ``metrics.json`` (headline metrics per task, their direction, per-case values for paired
+statistics, provenance), the predictions, and a figure of example predictions. OpenKBP dose predictions
+are also written in the challenge's CSV format on the original 128³ grid and scored there, exactly as
+the challenge does, whatever resolution training ran at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+from ctan.config import dataset_settings
+from ctan.errors import CtanError
+from ctan.provenance import code_version, file_sha256
+from ctan.tasks import Task
+from ctan.training import checkpoint
+from ctan.training.setup import model_dir, read_manifest, resolve_tasks, results_dir, task_from_dict
+from ctan.training.trainer import pick_device
+
+# Headline metrics per task target and whether higher is better; these enter Δ_MTL.
+HEADLINE: dict[str, dict[str, bool]] = {
+    "dose": {"dose_score": False, "dvh_score": False},
+    "structures": {"dice": True, "hd95": False},
+    "lesion": {"dice": True, "jaccard_thresholded": True},
+    "diagnosis": {"balanced_accuracy": True, "auc_macro": True},
+    "covid": {"auc": True},
+    "severity": {"auc_covid_positive": True},
+}
+
+
+def load_models(
+    settings, arch: str, seed: int, device: torch.device
+) -> tuple[dict[str, torch.nn.Module], dict]:
+    """{task name: model}; an MTL model serves all its tasks, STL has one model per task."""
+    from ctan.models import build_model
+
+    if arch == "stl":
+        paths = {t: model_dir(settings, arch, seed, t) / "model.pt" for t in settings.tasks}
+    else:
+        paths = {"*": model_dir(settings, arch, seed) / "model.pt"}
+    models: dict[str, torch.nn.Module] = {}
+    hashes = {}
+    for path in paths.values():
+        if not path.is_file():
+            raise CtanError(
+                path, f"missing; run `ctan train --dataset {settings.name} --arch {arch} --seed {seed}`"
+            )
+        state = checkpoint.load(path)
+        cfg = state["model_config"]
+        tasks = [task_from_dict(t) for t in state["tasks"]]
+        model = build_model(
+            cfg["arch"],
+            tasks,
+            in_channels=cfg["in_channels"],
+            spatial_dims=cfg["spatial_dims"],
+            width=cfg["width"],
+            depth=cfg["depth"],
+            attention_heads=cfg["attention_heads"],
+        )
+        model.load_state_dict(state["state_dict"])
+        model.to(device).eval()
+        for t in tasks:
+            models[t.name] = model
+        hashes[str(path)] = file_sha256(path)
+    return models, hashes
+
+
+@torch.no_grad()
+def predict(
+    models: dict[str, torch.nn.Module], tasks: list[Task], image: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """Probabilities for segmentation/classification, Gy for dose; one forward per distinct model."""
+    outputs: dict[str, torch.Tensor] = {}
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+    for t in tasks:
+        model = models[t.name]
+        if id(model) not in cache:
+            cache[id(model)] = model(image[None])
+        outputs[t.name] = cache[id(model)][t.name][0].float()
+    preds = {}
+    for t in tasks:
+        out = outputs[t.name]
+        if t.kind == "regression":
+            preds[t.name] = out.clamp_min(0).cpu().numpy()
+        elif t.kind == "segmentation" or t.out_channels == 1:
+            preds[t.name] = torch.sigmoid(out).cpu().numpy()
+        else:
+            preds[t.name] = torch.softmax(out, dim=0).cpu().numpy()
+    return preds
+
+
+def to_source_grid(array: np.ndarray, attrs: dict[str, Any], order: int = 1) -> np.ndarray:
+    """Map a (C, *spatial) array on the preprocessed grid back to the source grid through world coordinates.
+
+    Preprocessing keeps the direction cosines, so the map between the two index spaces is a per-axis
+    scale and shift: i_pre = (o_src − o_pre)·D / s_pre + (s_src / s_pre)·i_src.
+    """
+    sp, ss = np.asarray(attrs["spacing"], float), np.asarray(attrs["source_spacing"], float)
+    op, os_ = (
+        np.asarray(attrs["origin"] or np.zeros_like(sp), float),
+        np.asarray(attrs["source_origin"] or np.zeros_like(sp), float),
+    )
+    d = np.asarray(attrs["direction"] or np.eye(len(sp)).ravel(), float).reshape(len(sp), len(sp))
+    scale = ss / sp
+    offset = (d.T @ (os_ - op)) / sp
+    shape = tuple(int(s) for s in attrs["source_shape"])
+    if np.allclose(scale, 1) and np.allclose(offset, 0) and tuple(array.shape[1:]) == shape:
+        return array
+    return np.stack(
+        [
+            ndimage.affine_transform(c, scale, offset=offset, output_shape=shape, order=order, mode="nearest")
+            for c in array
+        ]
+    )
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device: str | None = None) -> Path:
+    from ctan import metrics
+    from ctan.loader import CaseDataset
+    from ctan.store import SplitStore
+
+    settings = dataset_settings(params, dataset)
+    manifest = read_manifest(settings)
+    tasks = resolve_tasks(settings, manifest)
+    dev = pick_device(device)
+    models, model_hashes = load_models(settings, arch, seed, dev)
+    out = results_dir(settings, arch, seed)
+    if out.exists():
+        shutil.rmtree(out)
+    pred_dir = out / "predictions"
+    pred_dir.mkdir(parents=True)
+
+    store = SplitStore.open(settings.preprocessed_dir / "test.zarr")
+    test_set = CaseDataset(settings.preprocessed_dir, "test", tasks, patch_size=None, augment=False)
+    structure_names = list(manifest.get("structure_names", []))
+    per_case: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
+    image_level: dict[str, list] = {t.name: [] for t in tasks if not t.dense}
+    labels: dict[str, list[int]] = {"covid": []}
+    example = None
+    for i in tqdm(range(len(test_set)), desc=f"evaluate {dataset}/{arch}/seed{seed}", disable=None):
+        item = test_set[i]
+        case_id = item["case_id"]
+        attrs = store.case_attrs(case_id)
+        preds = predict(models, tasks, item["image"].to(dev))
+        dense_out = {}
+        for t in tasks:
+            if t.kind == "regression":
+                dense_out[t.name] = preds[t.name].astype(np.float32)
+                per_case[t.name][case_id] = _dose_case(item, preds[t.name], attrs, structure_names, settings)
+            elif t.kind == "segmentation":
+                mask = (preds[t.name] > 0.5).astype(np.uint8)
+                dense_out[t.name] = mask
+                per_case[t.name][case_id] = _segmentation_case(t, item, mask, attrs, structure_names, metrics)
+            else:
+                image_level[t.name].append((case_id, int(item[t.name]), preds[t.name].ravel().tolist()))
+        labels["covid"].append(int(attrs["labels"].get("covid", -1)))
+        np.savez_compressed(pred_dir / f"{case_id}.npz", **dense_out)
+        if example is None:
+            example = (item, preds)
+
+    results: dict[str, dict[str, float]] = {}
+    details: dict[str, Any] = {}
+    for t in tasks:
+        if t.kind == "regression":
+            results[t.name] = _dose_results(t, settings, manifest, store, pred_dir, per_case[t.name], details)
+        elif t.kind == "segmentation":
+            rows = per_case[t.name].values()
+            results[t.name] = {"dice": _nanmean(v.get("dice") for v in rows)}
+            if t.target == "lesion":
+                # ISIC 2018 task 1: a per-image Jaccard below 0.65 counts as 0.
+                jac = [v["jaccard"] for v in rows]
+                results[t.name]["jaccard_thresholded"] = _nanmean(j if j >= 0.65 else 0.0 for j in jac)
+            elif any("hd95" in v for v in rows):
+                results[t.name]["hd95"] = _nanmean(v.get("hd95") for v in rows)
+        else:
+            results[t.name] = _classification_results(t, image_level[t.name], labels["covid"], metrics)
+            per_case[t.name] = {cid: {"probability": p} for cid, _, p in image_level[t.name]}
+    _write_image_level(pred_dir / "image_level.csv", image_level)
+
+    commit, dirty = code_version()
+    run_ids = {}
+    for key in [t for t in settings.tasks] if arch == "stl" else [None]:
+        run_file = model_dir(settings, arch, seed, key) / "run.json"
+        if run_file.is_file():
+            run_ids[key or "all"] = json.loads(run_file.read_text())["run_id"]
+    document = {
+        "dataset": dataset,
+        "architecture": arch,
+        "seed": seed,
+        "tasks": results,
+        "higher_is_better": {t.name: HEADLINE[t.target] for t in tasks},
+        "details": details,
+        "per_case": per_case,
+        "provenance": {
+            "data_hash": manifest["data_hash"],
+            "source_sha256": manifest.get("source_sha256"),
+            "model_sha256": model_hashes,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "mlflow_run_ids": run_ids,
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))
+    _log_to_mlflow(params, run_ids, results)
+    if example is not None:
+        try:
+            from ctan.plots import plot_examples
+
+            item, preds = example
+            targets = {t.name: item[t.name].numpy() for t in tasks}
+            plot_examples(item["image"].numpy(), targets, preds, tasks, out / "examples.png")
+        except ImportError:
+            pass
+    return out / "metrics.json"
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def _dose_case(item, pred, attrs, structure_names, settings) -> dict[str, float]:
+    from ctan.metrics import dose as dose_metrics
+
+    mask = item["possible_dose_mask"].numpy()[0] > 0
+    return {"dose_score": float(dose_metrics.dose_score(item["dose"].numpy()[0], pred[0], mask))}
+
+
+def _segmentation_case(task, item, mask, attrs, structure_names, metrics) -> dict[str, float]:
+    from ctan.metrics import segmentation as seg
+
+    target = item[task.name].numpy().astype(bool)
+    pred = mask.astype(bool)
+    spacing = tuple(attrs["spacing"])
+    if task.target == "lesion":
+        return {
+            "dice": float(seg.dice(pred[0], target[0])),
+            "jaccard": float(seg.jaccard(pred[0], target[0])),
+        }
+    present = item["structure_present"].numpy().astype(bool)
+    row: dict[str, float] = {}
+    dices, hds = [], []
+    for c, name in enumerate(structure_names):
+        if not present[c]:
+            continue
+        d = float(seg.dice(pred[c], target[c]))
+        row[f"dice/{name}"] = d
+        dices.append(d)
+        if len(spacing) == 3:
+            h = float(seg.hd95(pred[c], target[c], spacing))
+            row[f"hd95/{name}"] = h
+            hds.append(h)
+    row["dice"] = _nanmean(dices)
+    if hds:
+        row["hd95"] = _nanmean(hds)
+    return row
+
+
+def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) -> dict[str, float]:
+    """OpenKBP: challenge CSVs on the original grid, scored as the challenge does. Others: on our grid."""
+    from ctan.metrics import dose as dose_metrics
+
+    if settings.format == "openkbp":
+        from ctan.datasets import find_root
+
+        csv_dir = pred_dir / "dose_csv"
+        csv_dir.mkdir()
+        for case_id in per_case:
+            pred = np.load(pred_dir / f"{case_id}.npz")[task.name]
+            source = to_source_grid(pred, store.case_attrs(case_id), order=1)[0]
+            dose_metrics.write_dose_csv(csv_dir / f"{case_id}.csv", source)
+        reference = find_root(settings.raw_dir, settings.format) / "provided-data" / "test-pats"
+        scored = dose_metrics.score_directories(reference, csv_dir)
+        for case_id, row in scored["patients"].items():
+            per_case.setdefault(case_id, {}).update({k: float(v) for k, v in row.items()})
+        details["openkbp_challenge"] = {"dose_score": scored["dose_score"], "dvh_score": scored["dvh_score"]}
+        return {"dose_score": float(scored["dose_score"]), "dvh_score": float(scored["dvh_score"])}
+    # Bring-your-own cases: DVH on the preprocessed grid, targets recognised by name.
+    names = list(manifest.get("structure_names", []))
+    dvh_rows = []
+    for case_id in per_case:
+        data = store.read_case(case_id)
+        pred = np.load(pred_dir / f"{case_id}.npz")[task.name][0]
+        spacing = data["attrs"]["spacing"]
+        present = data["attrs"].get("structure_present") or [True] * len(names)
+        rois = (
+            {n: data["structures"][i] > 0 for i, n in enumerate(names) if present[i]}
+            if "structures" in data
+            else {}
+        )
+        ref_m = dose_metrics.dvh_metrics(data["dose"][0], rois, spacing)
+        pred_m = dose_metrics.dvh_metrics(pred, rois, spacing)
+        score = dose_metrics.dvh_score([ref_m], [pred_m])
+        per_case[case_id]["dvh_score"] = float(score)
+        dvh_rows.append((ref_m, pred_m))
+    dvh = (
+        dose_metrics.dvh_score([r for r, _ in dvh_rows], [p for _, p in dvh_rows])
+        if dvh_rows
+        else float("nan")
+    )
+    return {"dose_score": _nanmean(v["dose_score"] for v in per_case.values()), "dvh_score": float(dvh)}
+
+
+def _classification_results(task, rows, covid_labels, metrics) -> dict[str, float]:
+    from ctan.metrics import classification as cls
+
+    y_true = np.array([r[1] for r in rows])
+    probs = np.array([r[2] for r in rows])
+    if task.target == "diagnosis":
+        return {
+            "balanced_accuracy": float(cls.balanced_accuracy(y_true, probs.argmax(1))),
+            "auc_macro": float(cls.macro_auc(y_true, probs, n_classes=task.classes)),
+        }
+    p = probs[:, 0] if probs.ndim == 2 else probs
+    if task.target == "severity":
+        covid = np.array(covid_labels)
+        return {"auc_covid_positive": float(cls.binary_auc(y_true[covid == 1], p[covid == 1]))}
+    return {"auc": float(cls.binary_auc(y_true, p))}
+
+
+def _write_image_level(path: Path, image_level: dict[str, list]) -> None:
+    lines = ["case_id,task,label,probabilities"]
+    for task, rows in image_level.items():
+        for case_id, label, probs in rows:
+            lines.append(f"{case_id},{task},{label},{' '.join(f'{p:.6f}' for p in probs)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _log_to_mlflow(params, run_ids: dict[str, str], results: dict[str, dict[str, float]]) -> None:
+    from ctan import tracking
+
+    for key, run_id in run_ids.items():
+        with tracking.existing_run(params, run_id):
+            tracking.log_metrics(
+                {f"test/{t}/{m}": v for t, ms in results.items() if key in ("all", t) for m, v in ms.items()}
+            )

@@ -1,0 +1,1 @@
+"""Training: per-task losses, multi-task loss weighting, resumable checkpoints and the training loop."""

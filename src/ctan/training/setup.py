@@ -1,0 +1,69 @@
+"""What a training or evaluation job is about: its tasks (sized from the data), folders and run name."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ctan.config import DatasetSettings
+from ctan.errors import CtanError
+from ctan.tasks import Task
+
+
+def read_manifest(settings: DatasetSettings) -> dict[str, Any]:
+    path = settings.preprocessed_dir / "manifest.json"
+    if not path.is_file():
+        raise CtanError(path, f"missing; run `ctan preprocess {settings.name}` first")
+    return json.loads(path.read_text())
+
+
+def resolve_tasks(settings: DatasetSettings, manifest: dict[str, Any], only: str | None = None) -> list[Task]:
+    """The dataset's configured tasks, with channel/class counts taken from the preprocessed data.
+
+    Bring-your-own cases define their own structures, so the count is known only after preprocessing.
+    """
+    from ctan.datasets import get_reader
+
+    reader = get_reader(settings.format)
+    names = list(settings.tasks)
+    if only is not None:
+        if only not in names:
+            raise CtanError(None, f"task {only!r} is not a task of {settings.name} ({', '.join(names)})")
+        names = [only]
+    tasks = []
+    for name in names:
+        if name not in reader.TASKS:
+            raise CtanError(
+                None, f"format {settings.format} offers no task {name!r} ({', '.join(reader.TASKS)})"
+            )
+        task = reader.TASKS[name]
+        if task.target == "structures":
+            task = dataclasses.replace(task, channels=len(manifest["structure_names"]))
+        if task.kind == "classification" and task.target == "diagnosis" and manifest.get("class_names"):
+            classes = manifest["class_names"]
+            task = dataclasses.replace(task, classes=len(classes), class_names=tuple(classes))
+        tasks.append(task)
+    return tasks
+
+
+def model_dir(settings: DatasetSettings, arch: str, seed: int, task: str | None = None) -> Path:
+    out = settings.models_dir / arch / f"seed{seed}"
+    return out / task if task else out
+
+
+def results_dir(settings: DatasetSettings, arch: str, seed: int) -> Path:
+    return settings.results_dir / arch / f"seed{seed}"
+
+
+def task_to_dict(task: Task) -> dict[str, Any]:
+    """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+    out = dataclasses.asdict(task)
+    out["class_names"] = list(task.class_names)
+    out["metrics"] = list(task.metrics)
+    return out
+
+
+def task_from_dict(data: dict[str, Any]) -> Task:
+    return Task(**{**data, "class_names": tuple(data["class_names"]), "metrics": tuple(data["metrics"])})

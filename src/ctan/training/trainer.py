@@ -1,0 +1,329 @@
+"""`ctan train`: one architecture, one dataset, one seed (one task for STL).
+
+Read top to bottom: set-up, resume, the epoch loop (train, validate, keep the best, checkpoint), and the
+artefacts a later stage needs. Best epoch = lowest unweighted sum of validation task losses; the test
+split is never looked at here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ctan.config import dataset_settings, params_hash
+from ctan.errors import CtanError
+from ctan.tasks import Task
+from ctan.training import checkpoint
+from ctan.training.losses import task_loss
+from ctan.training.setup import model_dir, read_manifest, resolve_tasks, task_to_dict
+from ctan.training.weighting import build_weighting
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def monitor_metrics(task: Task, prediction: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Cheap per-batch metrics for learning curves (the exact metrics are `ctan evaluate`'s job)."""
+    target = batch[task.name]
+    if task.kind == "regression":
+        mask = batch.get("possible_dose_mask")
+        mask = torch.ones_like(target) if mask is None else mask.expand_as(target).float()
+        return {"mae": float(((prediction - target).abs() * mask).sum() / mask.sum().clamp_min(1))}
+    if task.kind == "segmentation":
+        pred = (prediction > 0).float()
+        dims = tuple(range(2, pred.ndim))
+        inter, denom = (pred * target).sum(dims), (pred + target).sum(dims)
+        dice = torch.where(denom > 0, 2 * inter / denom.clamp_min(1e-6), torch.ones_like(denom))
+        return {"dice": float(dice.mean())}
+    if task.out_channels == 1:
+        correct = ((prediction.squeeze(1) > 0).long() == target.long()).float()
+    else:
+        correct = (prediction.argmax(1) == target.long()).float()
+    return {"accuracy": float(correct.mean())}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str = "") -> dict[str, Any]:
+    """One pass over a loader; trains when an optimizer is given. Returns mean losses and metrics."""
+    training = optimizer is not None
+    model.train(training)
+    sums: dict[str, float] = {t.name: 0.0 for t in tasks}
+    metric_sums: dict[str, dict[str, float]] = {t.name: {} for t in tasks}
+    n_batches, wait, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    it = iter(bar)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t0
+        batch = to_device(batch, device)
+        with torch.set_grad_enabled(training), _autocast(device):
+            outputs = model(batch["image"])
+            losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
+        if training:
+            total = weighting(losses)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        for t in tasks:
+            sums[t.name] += float(losses[t.name].detach())
+            for k, v in monitor_metrics(t, outputs[t.name].detach().float(), batch).items():
+                metric_sums[t.name][k] = metric_sums[t.name].get(k, 0.0) + v
+        n_batches += 1
+        bar.set_postfix({t: f"{sums[t] / n_batches:.3f}" for t in sums})
+    if n_batches == 0:
+        raise CtanError(None, "no batches: the split is empty")
+    elapsed = time.perf_counter() - start
+    losses_mean = {t: s / n_batches for t, s in sums.items()}
+    losses_mean["total"] = sum(losses_mean.values())
+    return {
+        "loss": losses_mean,
+        "metrics": {t: {k: v / n_batches for k, v in m.items()} for t, m in metric_sums.items()},
+        "seconds": elapsed,
+        "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def train(
+    params: dict[str, Any],
+    dataset: str,
+    arch: str,
+    seed: int,
+    task: str | None = None,
+    device: str | None = None,
+) -> list[Path]:
+    """Train and return the model folder(s). STL without --task trains each task in turn."""
+    from ctan.loader import CaseDataset
+    from ctan.models import build_model
+
+    settings = dataset_settings(params, dataset)
+    if arch == "stl" and task is None:
+        return [p for t in settings.tasks for p in train(params, dataset, arch, seed, task=t, device=device)]
+    if arch != "stl" and task is not None:
+        raise CtanError(None, f"--task is for --arch stl only; {arch} trains all tasks of {dataset} together")
+
+    manifest = read_manifest(settings)
+    tasks = resolve_tasks(settings, manifest, only=task)
+    cfg = settings.training
+    out = model_dir(settings, arch, seed, task)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    identity = {
+        "dataset": dataset,
+        "arch": arch,
+        "seed": seed,
+        "tasks": [task_to_dict(t) for t in tasks],
+        "training": cfg,
+        "model": settings.model,
+        "data_hash": manifest["data_hash"],
+    }
+    config_hash = params_hash(identity)
+
+    seed_everything(seed)
+    patch = cfg["patch_size"] if manifest["spatial_dims"] == 3 else None
+    train_set = CaseDataset(
+        settings.preprocessed_dir, "train", tasks, patch_size=patch, augment=cfg["augment"], seed=seed
+    )
+    val_set = CaseDataset(
+        settings.preprocessed_dir, "validation", tasks, patch_size=None, augment=False, seed=seed
+    )
+    in_channels = int(train_set[0]["image"].shape[0])
+    model_config = {
+        "arch": arch,
+        "in_channels": in_channels,
+        "spatial_dims": int(manifest["spatial_dims"]),
+        "width": settings.model["width"],
+        "depth": settings.model["depth"],
+        "attention_heads": settings.model["attention_heads"],
+    }
+    seed_everything(seed)
+    model = build_model(
+        arch,
+        tasks,
+        in_channels=in_channels,
+        spatial_dims=model_config["spatial_dims"],
+        width=model_config["width"],
+        depth=model_config["depth"],
+        attention_heads=model_config["attention_heads"],
+    ).to(dev)
+    weighting = build_weighting(cfg["weighting"], [t.name for t in tasks], cfg["dwa_temperature"]).to(dev)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg["optimizer"]]
+    optimizer = opt_cls(
+        list(model.parameters()) + list(weighting.parameters()),
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=cfg["schedule"]["step_size"], gamma=cfg["schedule"]["gamma"]
+    )
+
+    start_epoch, history = 1, []
+    best = {"epoch": 0, "score": math.inf, "state_dict": None}
+    run_id = None
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file():
+        state = checkpoint.load(ckpt_path)
+        if state.get("config_hash") == config_hash:
+            model.load_state_dict(state["model"])
+            weighting.load_state_dict(state["weighting"])
+            weighting.load_extra_state(json.loads(state["weighting_extra"]))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history = json.loads(state["history"])
+            best = {
+                "epoch": state["best_epoch"],
+                "score": state["best_score"],
+                "state_dict": state["best_model"],
+            }
+            start_epoch = state["epoch"] + 1
+            run_id = state.get("run_id") or None
+            print(f"resuming {out} after epoch {state['epoch']}")
+        else:
+            print(f"{ckpt_path}: parameters or data changed since this checkpoint; starting afresh")
+
+    from ctan import tracking
+    from ctan.provenance import code_version
+
+    commit, dirty = code_version()
+    label = f"{dataset}/{arch}" + (f"/{task}" if task else "") + f"/seed{seed}"
+    tags = {
+        "dataset": dataset,
+        "architecture": arch,
+        "seed": str(seed),
+        "task": task or "all",
+        "git_commit": commit,
+        "git_dirty": str(dirty),
+        "data_hash": manifest["data_hash"],
+        "config_hash": config_hash,
+    }
+    with tracking.training_run(params, label, tags, run_id=run_id) as run:
+        if start_epoch == 1:
+            tracking.log_params(
+                {
+                    **{f"training.{k}": v for k, v in cfg.items()},
+                    **{f"model.{k}": v for k, v in model_config.items()},
+                    "tasks": ",".join(t.name for t in tasks),
+                }
+            )
+        epochs = range(start_epoch, cfg["epochs"] + 1)
+        bar = tqdm(epochs, desc=label, initial=start_epoch - 1, total=cfg["epochs"], disable=None)
+        for epoch in bar:
+            train_set.set_epoch(epoch)
+            shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            loader = DataLoader(
+                train_set,
+                batch_size=cfg["batch_size"],
+                shuffle=True,
+                generator=shuffle,
+                num_workers=cfg["num_workers"],
+            )
+            tr = run_epoch(model, weighting, tasks, loader, dev, optimizer, desc=f"epoch {epoch} train")
+            weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
+            val_loader = DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False)
+            va = run_epoch(model, weighting, tasks, val_loader, dev, None, desc=f"epoch {epoch} val")
+            scheduler.step()
+            record = {
+                "epoch": epoch,
+                "train_loss": tr["loss"],
+                "val_loss": va["loss"],
+                "train_metrics": tr["metrics"],
+                "val_metrics": va["metrics"],
+                "weights": weighting.weights(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": tr["seconds"] + va["seconds"],
+                "data_wait_fraction": tr["data_wait_fraction"],
+            }
+            history.append(record)
+            if va["loss"]["total"] < best["score"]:
+                best = {
+                    "epoch": epoch,
+                    "score": va["loss"]["total"],
+                    "state_dict": copy.deepcopy(model.state_dict()),
+                }
+            tracking.log_metrics(_flatten_record(record), step=epoch)
+            bar.set_postfix(
+                train=f"{tr['loss']['total']:.3f}", val=f"{va['loss']['total']:.3f}", best=best["epoch"]
+            )
+            checkpoint.save_atomic(
+                {
+                    "config_hash": config_hash,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "weighting": weighting.state_dict(),
+                    "weighting_extra": json.dumps(weighting.extra_state()),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": json.dumps(history),
+                    "best_epoch": best["epoch"],
+                    "best_score": best["score"],
+                    "best_model": best["state_dict"],
+                    "run_id": run.info.run_id,
+                },
+                ckpt_path,
+            )
+
+        final = {
+            "model_config": model_config,
+            "tasks": [task_to_dict(t) for t in tasks],
+            "state_dict": best["state_dict"],
+            "best_epoch": best["epoch"],
+            "config_hash": config_hash,
+            "data_hash": manifest["data_hash"],
+        }
+        checkpoint.save_atomic(final, out / "model.pt")
+        (out / "history.json").write_text(
+            json.dumps({"epochs": history, "best_epoch": best["epoch"]}, indent=1)
+        )
+        (out / "run.json").write_text(
+            json.dumps({"run_id": run.info.run_id, "tracking_uri": tracking.tracking_uri(params)}, indent=1)
+        )
+        try:
+            from ctan.plots import plot_learning_curves
+
+            plot_learning_curves({"epochs": history, "best_epoch": best["epoch"]}, out / "curves.png")
+            tracking.log_artifact(str(out / "curves.png"))
+        except ImportError:
+            pass
+        tracking.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["score"]})
+        tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
+    return [out]
+
+
+def _flatten_record(record: dict[str, Any]) -> dict[str, float]:
+    flat = {f"train_loss/{k}": v for k, v in record["train_loss"].items()}
+    flat.update({f"val_loss/{k}": v for k, v in record["val_loss"].items()})
+    for t, m in record["val_metrics"].items():
+        flat.update({f"val/{t}/{k}": v for k, v in m.items()})
+    flat.update({f"weight/{k}": v for k, v in record["weights"].items()})
+    flat["data_wait_fraction"] = record["data_wait_fraction"]
+    flat["epoch_seconds"] = record["seconds"]
+    return flat

@@ -1,0 +1,34 @@
+import subprocess
+
+from ctan.provenance import code_version, dvc_md5, tree_sha256
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_dvc_md5_matches_dvc_itself(tmp_path):
+    """The summary's data hash must be the one dvc.lock records."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "x").write_text("a\n")
+    (tmp_path / "d" / "sub" / "y").write_bytes(b"\x00\x01binary")
+    (tmp_path / "d" / ".snakemake_timestamp").write_text("")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    outs: [d]\n")
+    (tmp_path / ".dvcignore").write_text(".snakemake_timestamp\n")
+    dvc = str(REPO_ROOT / ".venv" / "bin" / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "commit", "-f", "-q", "s"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    lock = (tmp_path / "dvc.lock").read_text()
+    assert dvc_md5(tmp_path / "d") in lock
+
+
+def test_tree_hash_ignores_timestamps_but_not_content(tmp_path):
+    (tmp_path / "a").write_text("1")
+    h = tree_sha256(tmp_path)
+    (tmp_path / ".snakemake_timestamp").write_text("")
+    assert tree_sha256(tmp_path) == h
+    (tmp_path / "a").write_text("2")
+    assert tree_sha256(tmp_path) != h
+
+
+def test_code_version_reports_commit():
+    commit, dirty = code_version(REPO_ROOT)
+    assert len(commit) == 40 and isinstance(dirty, bool)

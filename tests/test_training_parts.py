@@ -1,0 +1,84 @@
+"""Loss weighting, per-task losses and checkpoints: hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from ctan.tasks import Task
+from ctan.training import checkpoint
+from ctan.training.losses import soft_dice_loss, task_loss
+from ctan.training.weighting import build_weighting
+
+DOSE = Task("dose", "regression", "dose", channels=1)
+SEG = Task("structures", "segmentation", "structures", channels=2, multilabel=True)
+DX = Task("diagnosis", "classification", "diagnosis", classes=3)
+COVID = Task("covid", "classification", "covid", classes=2)
+
+
+def test_equal_weighting_sums():
+    w = build_weighting("equal", ["a", "b"])
+    assert float(w({"a": torch.tensor(1.5), "b": torch.tensor(2.0)})) == pytest.approx(3.5)
+
+
+def test_uncertainty_weighting_starts_as_sum_and_learns():
+    w = build_weighting("uncertainty", ["a", "b"])
+    total = w({"a": torch.tensor(1.0), "b": torch.tensor(3.0)})
+    assert float(total.detach()) == pytest.approx(4.0)  # s = 0: exp(0)·L + 0
+    total.backward()
+    # d/ds (e^-s L + s) = 1 − L at s = 0
+    assert w.log_vars.grad.tolist() == pytest.approx([0.0, -2.0])
+
+
+def test_dwa_weights_follow_loss_ratios():
+    w = build_weighting("dwa", ["a", "b"], dwa_temperature=2.0)
+    w.end_epoch({"a": 1.0, "b": 1.0})
+    assert w.weights() == {"a": 1.0, "b": 1.0}  # first epochs: equal
+    w.end_epoch({"a": 0.5, "b": 1.0})  # a improved, b stalled -> b gets more weight
+    ea, eb = math.exp(0.5 / 2), math.exp(1.0 / 2)
+    assert w.weights()["a"] == pytest.approx(2 * ea / (ea + eb))
+    assert w.weights()["b"] == pytest.approx(2 * eb / (ea + eb))
+    restored = build_weighting("dwa", ["a", "b"])
+    restored.load_extra_state(w.extra_state())
+    assert restored.weights() == pytest.approx(w.weights())
+
+
+def test_dose_loss_is_mae_inside_possible_dose_mask():
+    pred = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 3.0], [100.0, 100.0]]]])
+    mask = torch.tensor([[[[1, 1], [0, 0]]]])
+    assert float(task_loss(DOSE, pred, {"dose": target, "possible_dose_mask": mask})) == pytest.approx(2.0)
+
+
+def test_absent_structures_do_not_count():
+    target = torch.zeros(1, 2, 4, 4)
+    target[0, 0, :2] = 1
+    logits = torch.full((1, 2, 4, 4), -20.0)
+    logits[0, 0, :2] = 20.0
+    # channel 1 is wildly wrong but not contoured: loss ~ 0
+    logits[0, 1] = 20.0
+    batch = {"structures": target, "structure_present": torch.tensor([[True, False]])}
+    assert float(task_loss(SEG, logits, batch)) < 1e-3
+    batch["structure_present"] = torch.tensor([[True, True]])
+    assert float(task_loss(SEG, logits, batch)) > 1.0
+
+
+def test_soft_dice_perfect_and_disjoint():
+    t = torch.zeros(1, 1, 8)
+    t[..., :4] = 1
+    assert float(soft_dice_loss(torch.where(t > 0, 30.0, -30.0), t)) == pytest.approx(0.0, abs=1e-6)
+    assert float(soft_dice_loss(torch.where(t > 0, -30.0, 30.0), t)) == pytest.approx(1 - 1 / 9, abs=1e-3)
+
+
+def test_classification_losses():
+    logits = torch.tensor([[0.0, 0.0, 0.0]])
+    assert float(task_loss(DX, logits, {"diagnosis": torch.tensor([2])})) == pytest.approx(math.log(3))
+    assert float(task_loss(COVID, torch.zeros(2, 1), {"covid": torch.tensor([0, 1])})) == pytest.approx(math.log(2))
+
+
+def test_checkpoint_roundtrip_is_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(3.0)}, "epoch": 2, "history": "[]"}
+    checkpoint.save_atomic(state, tmp_path / "c.pt")
+    loaded = checkpoint.load(tmp_path / "c.pt")
+    assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.arange(3.0))
+    assert not list(tmp_path.glob(".*tmp*"))
