@@ -112,7 +112,9 @@ class SplitStore:
         if not (path / "zarr.json").is_file():
             from ctan.errors import CtanError
 
-            raise CtanError(path, "not a preprocessed split store (no zarr.json); run `ctan preprocess` first")
+            raise CtanError(
+                path, "not a preprocessed split store (no zarr.json); run `ctan preprocess` first"
+            )
         return cls(path, zarr.open_group(str(path), mode="r"))
 
     @property
