@@ -40,11 +40,19 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from ctan.config import load_params
     from ctan.training.trainer import train
 
     params = load_params(args.params)
+    _set_threads(args.threads)
     train(params, args.dataset, args.arch, args.seed, task=args.task, device=args.device)
     return 0
 
@@ -54,6 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ctan.evaluation import evaluate
 
     params = load_params(args.params)
+    _set_threads(args.threads)
     out = evaluate(params, args.dataset, args.arch, args.seed, device=args.device)
     print(out)
     return 0
@@ -111,6 +120,12 @@ def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
     if task:
         p.add_argument("--task", help="for --arch stl: the single task to train (one job per task)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (Snakemake passes the rule's threads, so results do not depend on the host)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
