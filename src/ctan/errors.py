@@ -14,5 +14,6 @@ class CtanError(Exception):
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
         self.path = None if path is None else str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        # Library messages can span lines; the user gets exactly one.
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.path}: {self.problem}" if self.path else self.problem)

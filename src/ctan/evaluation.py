@@ -9,7 +9,6 @@ the challenge does, whatever resolution training ran at.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,15 +26,8 @@ from ctan.training import checkpoint
 from ctan.training.setup import model_dir, read_manifest, resolve_tasks, results_dir, task_from_dict
 from ctan.training.trainer import pick_device
 
-# Headline metrics per task target and whether higher is better; these enter Δ_MTL.
-HEADLINE: dict[str, dict[str, bool]] = {
-    "dose": {"dose_score": False, "dvh_score": False},
-    "structures": {"dice": True, "hd95": False},
-    "lesion": {"dice": True, "jaccard_thresholded": True},
-    "diagnosis": {"balanced_accuracy": True, "auc_macro": True},
-    "covid": {"auc": True},
-    "severity": {"auc_covid_positive": True},
-}
+# Targets whose name marks them as dose targets in bring-your-own cases (DVH: D99, D95, D1).
+TARGET_PREFIXES = ("PTV", "CTV", "GTV")
 
 
 def load_models(
@@ -124,11 +116,6 @@ def to_source_grid(array: np.ndarray, attrs: dict[str, Any], order: int = 1) -> 
     )
 
 
-def _nanmean(values) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device: str | None = None) -> Path:
     from ctan import metrics
     from ctan.loader import CaseDataset
@@ -179,14 +166,7 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         if t.kind == "regression":
             results[t.name] = _dose_results(t, settings, manifest, store, pred_dir, per_case[t.name], details)
         elif t.kind == "segmentation":
-            rows = per_case[t.name].values()
-            results[t.name] = {"dice": _nanmean(v.get("dice") for v in rows)}
-            if t.target == "lesion":
-                # ISIC 2018 task 1: a per-image Jaccard below 0.65 counts as 0.
-                jac = [v["jaccard"] for v in rows]
-                results[t.name]["jaccard_thresholded"] = _nanmean(j if j >= 0.65 else 0.0 for j in jac)
-            elif any("hd95" in v for v in rows):
-                results[t.name]["hd95"] = _nanmean(v.get("hd95") for v in rows)
+            results[t.name] = _segmentation_results(t, per_case[t.name], store)
         else:
             results[t.name] = _classification_results(t, image_level[t.name], labels["covid"], metrics)
             per_case[t.name] = {cid: {"probability": p} for cid, _, p in image_level[t.name]}
@@ -203,7 +183,9 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         "architecture": arch,
         "seed": seed,
         "tasks": results,
-        "higher_is_better": {t.name: HEADLINE[t.target] for t in tasks},
+        "higher_is_better": {
+            t.name: {m: metrics.higher_is_better(m) for m in results[t.name]} for t in tasks
+        },
         "details": details,
         "per_case": per_case,
         "provenance": {
@@ -249,27 +231,38 @@ def _segmentation_case(task, item, mask, attrs, structure_names, metrics) -> dic
     pred = mask.astype(bool)
     spacing = tuple(attrs["spacing"])
     if task.target == "lesion":
-        return {
-            "dice": float(seg.dice(pred[0], target[0])),
-            "jaccard": float(seg.jaccard(pred[0], target[0])),
-        }
+        return {"dice": seg.dice(target[0], pred[0]), "jaccard": seg.jaccard(target[0], pred[0])}
     present = item["structure_present"].numpy().astype(bool)
     row: dict[str, float] = {}
     dices, hds = [], []
     for c, name in enumerate(structure_names):
         if not present[c]:
             continue
-        d = float(seg.dice(pred[c], target[c]))
+        d = seg.dice(target[c], pred[c])
         row[f"dice/{name}"] = d
         dices.append(d)
         if len(spacing) == 3:
-            h = float(seg.hd95(pred[c], target[c], spacing))
+            h = seg.hd95(target[c], pred[c], spacing)
             row[f"hd95/{name}"] = h
             hds.append(h)
-    row["dice"] = _nanmean(dices)
+    row["dice"] = seg.nanmean(dices)
     if hds:
-        row["hd95"] = _nanmean(hds)
+        # A structure missed entirely (inf) counts as the image diagonal, not as nothing.
+        row["hd95"] = seg.mean_hd95(hds, seg.image_diagonal_mm(target.shape[1:], spacing))
     return row
+
+
+def _segmentation_results(task, per_case, store) -> dict[str, float]:
+    from ctan.metrics import segmentation as seg
+
+    rows = list(per_case.values())
+    out = {"dice": seg.nanmean(v.get("dice", float("nan")) for v in rows)}
+    if task.target == "lesion":
+        # ISIC 2018 task 1: per-image Jaccard, below 0.65 counts as 0; both-empty images skipped.
+        out["jaccard_thresholded"] = seg.thresholded_mean(v["jaccard"] for v in rows)
+    elif any("hd95" in v for v in rows):
+        out["hd95"] = seg.nanmean(v.get("hd95", float("nan")) for v in rows)
+    return out
 
 
 def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) -> dict[str, float]:
@@ -314,7 +307,9 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
         if dvh_rows
         else float("nan")
     )
-    return {"dose_score": _nanmean(v["dose_score"] for v in per_case.values()), "dvh_score": float(dvh)}
+    from ctan.metrics.segmentation import nanmean
+
+    return {"dose_score": nanmean(v["dose_score"] for v in per_case.values()), "dvh_score": float(dvh)}
 
 
 def _classification_results(task, rows, covid_labels, metrics) -> dict[str, float]:

@@ -50,16 +50,8 @@ COLUMNS = [
 ]
 
 
-def relative_change(value: float, stl: float, higher_is_better: bool) -> float:
-    """(−1)^l (M − M_STL) / M_STL × 100, l = 1 where lower is better."""
-    if stl == 0 or not (math.isfinite(value) and math.isfinite(stl)):
-        return float("nan")
-    sign = 1.0 if higher_is_better else -1.0
-    return sign * (value - stl) / abs(stl) * 100.0
-
-
 def summarize(params: dict[str, Any], output: Path) -> Path:
-    from ctan.metrics.mtl import delta_mtl
+    from ctan.metrics.mtl import delta_mtl, relative_change
 
     run = params["run"]
     if "stl" not in run["architectures"]:

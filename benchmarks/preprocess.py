@@ -1,0 +1,170 @@
+"""Where `ctan download` + `ctan preprocess` spend their time on the real OpenKBP sample, against the floor.
+
+    python benchmarks/preprocess.py                                   # ../shared/data/openkbp-sample.tar.xz
+    python benchmarks/preprocess.py ARCHIVE --spacing 2.5 2.5 2.5 --json
+
+1. End to end, as the pipeline runs it: `download_dataset` (verify the SHA-256, extract, hash every file)
+   and `preprocess_dataset` (all cases), giving cases per second.
+2. Stage by stage, case by case, with the same functions the pipeline calls: parse (the reader), check,
+   resample, write (Zarr, including the content hash of each array; that hash is also timed on its own),
+   and hashing the source files.
+3. The floor: only `pandas.read_csv` of each case's CSVs, the least any reader of this format must do.
+   Each case's floor is timed right before its stages, so both see the same page cache.
+
+Times are process CPU and wall seconds; on a shared machine trust CPU more. `--json` also writes
+benchmarks/results/preprocess.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ctan.config import dataset_settings, load_params
+from ctan.datasets import find_root, get_reader
+from ctan.fetch import download_dataset
+from ctan.preprocess.pipeline import check_case, preprocess_dataset, source_attrs, source_hashes
+from ctan.preprocess.resample import resample_case
+from ctan.provenance import file_sha256
+from ctan.store import array_hash, create_split, write_case
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "data" / "openkbp-sample.tar.xz"
+
+
+class Clock:
+    """Accumulates wall and CPU seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def time(self, name: str, func, *args, **kwargs):
+        w, c = time.perf_counter(), time.process_time()
+        out = func(*args, **kwargs)
+        self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w
+        self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c
+        return out
+
+
+def pinned_sha(archive: Path) -> str:
+    sums = archive.parent / "SHA256SUMS"
+    if sums.is_file():
+        for line in sums.read_text().splitlines():
+            digest, name = line.split()
+            if name == archive.name:
+                return digest
+    return file_sha256(archive)
+
+
+def settings_for(work: Path, archive: Path, spacing, shape):
+    override = {
+        "run": {"datasets": ["bench"]},
+        "paths": {k: str(work / k) for k in ("raw", "preprocessed", "models", "results")},
+        "datasets": {
+            "bench": {
+                "format": "openkbp",
+                "source": str(archive),
+                "sha256": pinned_sha(archive),
+                "tasks": ["dose", "structures"],
+                "preprocess": {"spacing": spacing, "shape": shape, "ct_window": [-1000, 1500]},
+            }
+        },
+    }
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return dataset_settings(load_params([REPO / "params.yaml", path]), "bench")
+
+
+def read_csvs_only(folder: Path) -> None:
+    for csv in sorted(folder.glob("*.csv")):
+        pd.read_csv(csv, index_col=0, header=None if csv.stem == "voxel_dimensions" else 0)
+
+
+def run(archive: Path, spacing, shape, limit: int | None) -> dict:
+    clock = Clock()
+    with tempfile.TemporaryDirectory(prefix="ctan-bench-") as tmp:
+        work = Path(tmp)
+        settings = settings_for(work, archive, spacing, shape)
+        clock.time("download (verify + extract + hash)", download_dataset, settings)
+        clock.time("preprocess end to end", preprocess_dataset, settings)
+
+        reader = get_reader("openkbp")
+        root = find_root(settings.raw_dir, "openkbp")
+        refs = reader.list_cases(root)[:limit]
+        store = create_split(work / "stages.zarr", {})
+        for ref in refs:
+            folder = reader.patient_folder(root, ref)
+            clock.time("floor: pandas.read_csv only", read_csvs_only, folder)
+            case = clock.time("parse (reader)", reader.read_case, root, ref)
+            clock.time("check", check_case, case, 3, root, True)
+            resampled = clock.time("resample", resample_case, case, spacing, shape)
+            clock.time("write (Zarr + array hashes)", write_case, store, resampled, source_attrs(case))
+            arrays = [resampled.image, *resampled.dense.values()]
+            clock.time("  of which array hashes", lambda a=arrays: [array_hash(x) for x in a])
+            clock.time("source file hashes", source_hashes, case, settings.raw_dir)
+        total_cases = len(reader.list_cases(root))
+    return {"cases": total_cases, "stage_cases": len(refs), "wall": clock.wall, "cpu": clock.cpu}
+
+
+def report(result: dict, archive: Path, spacing, shape) -> str:
+    n, m = result["cases"], result["stage_cases"]
+    wall, cpu = result["wall"], result["cpu"]
+    e2e = wall["preprocess end to end"]
+    stages = ["parse (reader)", "check", "resample", "write (Zarr + array hashes)", "source file hashes"]
+    stage_cpu = sum(cpu[s] for s in stages)
+    floor = cpu["floor: pandas.read_csv only"]
+    lines = [
+        f"archive {archive.name}: {n} cases; grid spacing={spacing} shape={shape}",
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        "",
+        f"{'stage':<38}{'wall s':>9}{'CPU s':>9}{'CPU ms/case':>13}{'share':>8}",
+    ]
+    for name in ["download (verify + extract + hash)", "preprocess end to end"]:
+        lines.append(f"{name:<38}{wall[name]:>9.2f}{cpu[name]:>9.2f}{1000 * cpu[name] / n:>13.1f}{'':>8}")
+    lines.append(f"stages, {m} cases one by one:")
+    for name in [*stages[:4], "  of which array hashes", stages[4], "floor: pandas.read_csv only"]:
+        share = f"{100 * cpu[name] / stage_cpu:>7.0f}%" if name in stages or name.startswith("  ") else ""
+        lines.append(
+            f"  {name:<36}{wall[name]:>9.2f}{cpu[name]:>9.2f}{1000 * cpu[name] / m:>13.1f}{share:>8}"
+        )
+    per_case = {k: v / (n if k in ("preprocess end to end",) else m) for k, v in cpu.items()}
+    floor_case = per_case["floor: pandas.read_csv only"]
+    lines += [
+        "",
+        f"end to end: {n / e2e:.2f} cases/s (wall), {n / cpu['preprocess end to end']:.2f} cases/CPU-s",
+        f"CPU per case vs the floor: end to end {per_case['preprocess end to end'] / floor_case:.1f}x, "
+        f"all stages {stage_cpu / floor:.1f}x, parse {cpu['parse (reader)'] / floor:.2f}x",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("archive", nargs="?", type=Path, default=DEFAULT_ARCHIVE, help="OpenKBP archive")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, help="target spacing (z y x) mm")
+    parser.add_argument("--shape", type=int, nargs=3, default=None, help="target shape (z y x)")
+    parser.add_argument("--cases", type=int, default=None, help="limit the stage-by-stage part to N cases")
+    parser.add_argument("--json", action="store_true", help="also write benchmarks/results/preprocess.json")
+    args = parser.parse_args()
+    result = run(args.archive, args.spacing, args.shape, args.cases)
+    print(report(result, args.archive, args.spacing, args.shape))
+    if args.json:
+        out = REPO / "benchmarks" / "results" / "preprocess.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"archive": str(args.archive), "spacing": args.spacing, "shape": args.shape}
+        out.write_text(json.dumps({**meta, **result}, indent=1) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

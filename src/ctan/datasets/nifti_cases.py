@@ -1,0 +1,247 @@
+"""Bring-your-own radiotherapy cases in NIfTI: how a private set (e.g. the paper's Prostate data) is run.
+
+Layout::
+
+    cases/<case>/ct.nii.gz                  CT in HU
+    cases/<case>/dose.nii.gz                planned dose in Gy, on the CT grid
+    cases/<case>/possible_dose_mask.nii.gz  optional; default: the body, CT > −500 HU
+    cases/<case>/masks/<structure>.nii.gz   one binary mask per contoured structure (voxels > 0.5 inside)
+    split.csv                               optional: case,split (else split by the split parameters)
+
+Every file of a case must share the CT's grid: same shape and the same affine (within
+`AFFINE_TOLERANCE` mm). The structure channels are the sorted union of mask names over all cases; a
+case without a mask for one of them has ``structure_present`` False there.
+
+Geometry. Arrays are reoriented to the closest canonical orientation (``nib.as_closest_canonical``, RAS+)
+and then transposed to (z, y, x). Spacing, origin and direction come from the canonical affine ``A`` in
+the same order: ``spacing = |A[:3, :3]| column norms reversed``, ``origin = A[:3, 3][::-1]`` and
+``direction = (A[:3, :3] / spacing)[::-1, ::-1]``, so ``world = origin + direction @ (spacing * index)``
+gives the NIfTI world (RAS+) coordinates of the original affine, listed in (S, A, R) order.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.splits import assign_splits, read_split_file
+from ctan.errors import CtanError
+from ctan.tasks import Task
+
+FORMAT = "nifti_cases"
+SPATIAL_DIMS = 3
+MARKER = "cases"
+
+CLASS_NAMES: tuple[str, ...] = ()
+STRUCTURES: tuple[str, ...] = ()  # defined by the data: see structure_names(root)
+REQUIRED: tuple[str, ...] = ("ct", "dose")
+SPLIT_FILE = "split.csv"
+BODY_THRESHOLD_HU = -500.0
+AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+
+TASKS: dict[str, Task] = {
+    "dose": Task(
+        name="dose",
+        kind="regression",
+        target="dose",
+        channels=1,
+        primary_metric="dose_score",
+        higher_is_better=False,
+        metrics=("dose_score", "dvh_score"),
+    ),
+    # channels and class_names are set from structure_names(root) once the data is known.
+    "structures": Task(
+        name="structures",
+        kind="segmentation",
+        target="structures",
+        channels=0,
+        multilabel=True,
+        primary_metric="dice",
+        higher_is_better=True,
+        metrics=("dice", "hd95"),
+    ),
+}
+
+
+def class_names(root: Path | None = None) -> list[str]:
+    """Radiotherapy cases have no image-level classes."""
+    return []
+
+
+def _nifti_name(filename: str) -> str | None:
+    """``Bladder.nii.gz`` -> ``Bladder``; None for files that are not NIfTI (or hidden)."""
+    if filename.startswith("."):
+        return None
+    for suffix in NIFTI_SUFFIXES:
+        if filename.endswith(suffix) and len(filename) > len(suffix):
+            return filename[: -len(suffix)]
+    return None
+
+
+def _nifti_file(folder: Path, name: str) -> Path:
+    """``folder/name.nii.gz``, or ``.nii`` where only that exists."""
+    for suffix in NIFTI_SUFFIXES:
+        if (folder / f"{name}{suffix}").is_file():
+            return folder / f"{name}{suffix}"
+    return folder / f"{name}{NIFTI_SUFFIXES[0]}"
+
+
+def _case_folders(root: Path) -> list[Path]:
+    cases = Path(root) / MARKER
+    if not cases.is_dir():
+        raise CtanError(cases, "missing; a NIfTI case dataset holds cases/<case>/ct.nii.gz")
+    folders = sorted(p for p in cases.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise CtanError(cases, "no case folders")
+    return folders
+
+
+@lru_cache(maxsize=8)
+def _structure_names_cached(root: str, signature: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    names: set[str] = set()
+    for case, _ in signature:
+        masks = Path(root) / MARKER / case / "masks"
+        if masks.is_dir():
+            names |= {n for n in map(_nifti_name, os.listdir(masks)) if n}
+    return tuple(sorted(names))
+
+
+def structure_names(root: Path) -> list[str]:
+    """Sorted union of the mask names over all cases: the channel order of ``structures``."""
+    signature = []
+    for folder in _case_folders(root):
+        masks = folder / "masks"
+        signature.append((folder.name, masks.stat().st_mtime_ns if masks.is_dir() else 0))
+    return list(_structure_names_cached(str(Path(root)), tuple(signature)))
+
+
+def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
+    """Every case folder with its split: from ``split.csv`` if present, else from the split parameters."""
+    root = Path(root)
+    folders = _case_folders(root)
+    for folder in folders:
+        for name in REQUIRED:
+            if not _nifti_file(folder, name).is_file():
+                raise CtanError(_nifti_file(folder, name), "missing (every case needs a CT and a dose)")
+    ids = [f.name for f in folders]
+    split_file = root / SPLIT_FILE
+    if split_file.is_file():
+        by_case = read_split_file(split_file, "case", ids)
+    else:
+        by_case = assign_splits(dict.fromkeys(ids), split_params)
+    return [CaseRef(i, by_case[i]) for i in ids]
+
+
+def _load(path: Path) -> nib.spatialimages.SpatialImage:
+    """Open a NIfTI file, header checked and 3D (a trailing singleton 4th axis is dropped)."""
+    if not path.is_file():
+        raise CtanError(path, "missing")
+    try:
+        image = nib.load(path)
+    except (
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+        OSError,
+        EOFError,
+        ValueError,
+        zlib.error,
+    ) as err:
+        raise CtanError(path, f"not a readable NIfTI file: {err}") from None
+    if len(image.shape) == 4 and image.shape[3] == 1:
+        image = image.slicer[..., 0]
+    if len(image.shape) != 3:
+        raise CtanError(path, f"expected a 3D volume, found shape {image.shape}")
+    if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
+        raise CtanError(path, "the affine is degenerate (zero spacing or not finite)")
+    return image
+
+
+def _zyx(image: nib.spatialimages.SpatialImage, path: Path, dtype: type = np.float32) -> np.ndarray:
+    """Canonical (RAS+) voxel data of an image, as a (z, y, x) array."""
+    try:
+        canonical = nib.as_closest_canonical(image)
+        data = canonical.get_fdata(dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise CtanError(path, f"unreadable voxel data: {err}") from None
+    return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(dtype, copy=False)
+
+
+def geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(spacing, origin, direction) in (z, y, x) order of a canonical NIfTI affine (see module docstring)."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = (linear / spacing)[::-1, ::-1]
+    origin = np.asarray(affine, dtype=float)[:3, 3][::-1]
+    return tuple(spacing[::-1].tolist()), tuple(origin.tolist()), tuple(direction.ravel().tolist())
+
+
+def _check_same_grid(
+    ct: nib.spatialimages.SpatialImage, other: nib.spatialimages.SpatialImage, path: Path
+) -> None:
+    if other.shape != ct.shape:
+        raise CtanError(path, f"shape {other.shape} differs from the CT's {ct.shape}")
+    if not np.allclose(other.affine, ct.affine, atol=AFFINE_TOLERANCE, rtol=0):
+        raise CtanError(path, "affine differs from the CT's: not on the CT grid (resample it first)")
+
+
+def read_case(root: Path, ref: CaseRef) -> Case:
+    """One case: CT (HU), dose (Gy), possible-dose mask and structure masks in canonical (z, y, x)."""
+    root = Path(root)
+    folder = root / MARKER / ref.case_id
+    if not folder.is_dir():
+        raise CtanError(folder, "case folder not found")
+    ct_path, dose_path = _nifti_file(folder, "ct"), _nifti_file(folder, "dose")
+    ct_img = _load(ct_path)
+    ct = _zyx(ct_img, ct_path)
+    if not np.isfinite(ct).all():
+        raise CtanError(ct_path, f"{int((~np.isfinite(ct)).sum())} voxel(s) are NaN or infinite")
+
+    dose_img = _load(dose_path)
+    _check_same_grid(ct_img, dose_img, dose_path)
+    dose = _zyx(dose_img, dose_path)
+    if np.isnan(dose).any():
+        raise CtanError(dose_path, f"{int(np.isnan(dose).sum())} voxel(s) are NaN")
+    if dose.min() < 0:
+        raise CtanError(dose_path, f"negative dose {float(dose.min()):g} Gy")
+    sources = [ct_path, dose_path]
+
+    pdm_path = _nifti_file(folder, "possible_dose_mask")
+    if pdm_path.is_file():
+        pdm_img = _load(pdm_path)
+        _check_same_grid(ct_img, pdm_img, pdm_path)
+        possible = (_zyx(pdm_img, pdm_path) > 0.5).astype(np.uint8)
+        sources.append(pdm_path)
+    else:
+        possible = (ct > BODY_THRESHOLD_HU).astype(np.uint8)
+
+    names = structure_names(root)
+    structures = np.zeros((len(names), *ct.shape), dtype=np.uint8)
+    present = []
+    for c, name in enumerate(names):
+        path = _nifti_file(folder / "masks", name)
+        present.append(path.is_file())
+        if path.is_file():
+            mask_img = _load(path)
+            _check_same_grid(ct_img, mask_img, path)
+            structures[c] = _zyx(mask_img, path) > 0.5
+            sources.append(path)
+
+    spacing, origin, direction = geometry(nib.as_closest_canonical(ct_img).affine)
+    return Case(
+        case_id=ref.case_id,
+        split=ref.split,
+        image=ct[None],
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        dense={"dose": dose[None], "possible_dose_mask": possible[None], "structures": structures},
+        structure_present=tuple(present),
+        sources=tuple(sources),
+    )

@@ -1,0 +1,287 @@
+"""OpenKBP (AAPM 2020 grand challenge): head-and-neck CT, IMRT dose and contours in sparse CSVs.
+
+Layout (the official repository's ``provided-data`` folder)::
+
+    provided-data/{train-pats,validation-pats,test-pats}/pt_<n>/
+        ct.csv  dose.csv  possible_dose_mask.csv  voxel_dimensions.csv  <structure>.csv ...
+
+Every volume lives on a 128×128×128 grid. A CSV has the header ``,data``; each row is a flat index into
+that grid (C order, as ``np.put`` uses it in the challenge's ``provided_code``) and, for ``ct`` and
+``dose``, a value; mask CSVs (``possible_dose_mask`` and the structures) leave the data column empty.
+Voxels not listed are 0.
+
+Values: ``dose`` is in Gy. ``ct`` holds HU + 1024 (the 12-bit scanner convention, clipped to
+0…4095): unlisted voxels, 0, are air at −1024 HU; the air peak of the sample lies at ≈ 20 (−1004 HU), fat
+at ≈ 920 (−104 HU), soft tissue at ≈ 1050 — and the challenge winners' converter subtracts 1024 too.
+
+Axes. The challenge array ``raw[i, j, k]`` is (rows, columns, slices): ``i`` runs anterior→posterior,
+``j`` patient right→left and ``k`` superior→inferior (checked on the sample: the mandible has smaller
+``i`` than the spinal cord, the right parotid smaller ``j`` than the left, the brainstem smaller ``k``
+than the oesophagus), i.e. (+y, +x, −z) in DICOM's LPS frame. We store
+
+    ours[z, y, x] = raw[y, x, 127 − z]            (`from_challenge_grid`; inverse `to_challenge_grid`)
+
+so that (z, y, x) point to (superior, posterior, left): LPS with an identity direction matrix. The
+origin is 0: OpenKBP publishes no patient position. ``voxel_dimensions.csv`` holds three numbers in mm:
+the in-plane pixel spacing twice (equal in every released patient, so their order does not matter) and
+the slice spacing third; our spacing is (slice, pixel, pixel).
+
+The official split is kept: train-pats → train, validation-pats (or the older valid-pats) →
+validation, test-pats → test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctan.datasets.base import Case, CaseRef
+from ctan.errors import CtanError
+from ctan.tasks import Task
+
+FORMAT = "openkbp"
+SPATIAL_DIMS = 3
+MARKER = "provided-data"
+
+GRID: tuple[int, int, int] = (128, 128, 128)
+GRID_SIZE = int(np.prod(GRID))
+CT_OFFSET = 1024.0  # ct.csv stores HU + 1024
+
+OARS: tuple[str, ...] = (
+    "Brainstem",
+    "SpinalCord",
+    "RightParotid",
+    "LeftParotid",
+    "Esophagus",
+    "Larynx",
+    "Mandible",
+)
+TARGETS: tuple[str, ...] = ("PTV56", "PTV63", "PTV70")
+STRUCTURES: tuple[str, ...] = OARS + TARGETS  # channel order, as the challenge's data loader stacks them
+REQUIRED: tuple[str, ...] = ("ct", "dose", "possible_dose_mask", "voxel_dimensions")
+
+# Split folder names in the official release (valid-pats in the repository's early README) -> our split.
+SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
+    "train": ("train-pats",),
+    "validation": ("validation-pats", "valid-pats"),
+    "test": ("test-pats",),
+}
+
+TASKS: dict[str, Task] = {
+    "dose": Task(
+        name="dose",
+        kind="regression",
+        target="dose",
+        channels=1,
+        primary_metric="dose_score",
+        higher_is_better=False,
+        metrics=("dose_score", "dvh_score"),
+    ),
+    "structures": Task(
+        name="structures",
+        kind="segmentation",
+        target="structures",
+        channels=len(STRUCTURES),
+        multilabel=True,
+        class_names=STRUCTURES,
+        primary_metric="dice",
+        higher_is_better=True,
+        metrics=("dice", "hd95"),
+    ),
+}
+
+_PATIENT = re.compile(r"pt_(\d+)")
+
+
+def structure_names(root: Path | None = None) -> list[str]:
+    """The fixed channel order of the ``structures`` target."""
+    return list(STRUCTURES)
+
+
+def class_names(root: Path | None = None) -> list[str]:
+    """OpenKBP has no image-level classes."""
+    return []
+
+
+def from_challenge_grid(raw: np.ndarray) -> np.ndarray:
+    """Challenge (i, j, k) = (y, x, −z) array -> our (z, y, x); works on (..., 128, 128, 128) too."""
+    return np.ascontiguousarray(np.moveaxis(raw, -1, -3)[..., ::-1, :, :])
+
+
+def to_challenge_grid(volume: np.ndarray) -> np.ndarray:
+    """Our (z, y, x) array -> challenge (i, j, k) order, e.g. to write a prediction CSV the scorer reads."""
+    return np.ascontiguousarray(np.moveaxis(volume[..., ::-1, :, :], -3, -1))
+
+
+def _patient_key(folder: Path) -> tuple[int, str]:
+    match = _PATIENT.fullmatch(folder.name)
+    return (int(match.group(1)) if match else 1 << 30, folder.name)
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    data = Path(root) / MARKER
+    if not data.is_dir():
+        raise CtanError(data, "missing; an OpenKBP dataset root holds provided-data/")
+    out = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            if (data / name).is_dir():
+                out[split] = data / name
+                break
+    if not out:
+        raise CtanError(data, "no train-pats, validation-pats or test-pats folder")
+    return out
+
+
+def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
+    """Every patient folder, in the official split (``split_params`` is ignored: the split is given)."""
+    refs: list[CaseRef] = []
+    for split, folder in _split_folders(root).items():
+        patients = sorted(
+            (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_patient_key
+        )
+        for patient in patients:
+            for name in REQUIRED:
+                if not (patient / f"{name}.csv").is_file():
+                    raise CtanError(patient / f"{name}.csv", "missing (every OpenKBP patient needs it)")
+            refs.append(CaseRef(patient.name, split))
+    if not refs:
+        raise CtanError(Path(root) / MARKER, "no patient folders (pt_*) found")
+    ids = [r.case_id for r in refs]
+    if len(set(ids)) != len(ids):
+        raise CtanError(Path(root) / MARKER, "the same patient folder name appears in two splits")
+    return refs
+
+
+def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(flat challenge indices, values or None) of one sparse CSV, checked against the 128³ grid.
+
+    The one parser of the format in ctan: the dose metrics read reference and predicted CSVs with it.
+    """
+    if not path.is_file():
+        raise CtanError(path, "missing")
+    try:
+        table = pd.read_csv(path, index_col=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        raise CtanError(path, f"not a readable OpenKBP CSV: {lines[-1]}") from None
+    if list(table.columns) != ["data"]:
+        raise CtanError(path, f"expected the header ',data', found columns {list(table.columns)}")
+    index = table.index
+    if len(index) and not pd.api.types.is_integer_dtype(index.dtype):
+        raise CtanError(path, "voxel indices are not all integers (garbled or truncated file?)")
+    indices = index.to_numpy(dtype=np.int64)
+    if len(indices) and (indices.min() < 0 or indices.max() >= GRID_SIZE):
+        bad = int(indices[(indices < 0) | (indices >= GRID_SIZE)][0])
+        raise CtanError(path, f"voxel index {bad} lies outside the 128x128x128 grid")
+    if not index.is_unique:
+        raise CtanError(path, "a voxel index is listed twice")
+    column = table["data"]
+    if not with_values:
+        if column.notna().any():
+            raise CtanError(path, "a mask CSV must leave the data column empty")
+        return indices, None
+    if not pd.api.types.is_numeric_dtype(column.dtype):
+        raise CtanError(path, "values are not all numbers (garbled file?)")
+    values = column.to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        raise CtanError(path, f"{int(np.isnan(values).sum())} voxel(s) have no value (NaN or truncated row)")
+    if np.isinf(values).any():
+        raise CtanError(path, "infinite values")
+    return indices, values
+
+
+_read_sparse = read_sparse  # the name ctan.metrics.dose imports
+
+
+def our_flat_index(challenge_index: np.ndarray) -> np.ndarray:
+    """Flat challenge indices (i, j, k) -> flat indices of our (z, y, x) volume, z = 127 − k, y = i, x = j.
+
+    Remapping the few listed indices is much cheaper than transposing whole scattered volumes.
+    """
+    i, j, k = np.unravel_index(challenge_index, GRID)
+    return np.ravel_multi_index((GRID[2] - 1 - k, i, j), (GRID[2], GRID[0], GRID[1]))
+
+
+def _dense(
+    indices: np.ndarray, values: np.ndarray | float, dtype: type, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Scatter flat challenge indices into a zero (z, y, x) volume (or into ``out``)."""
+    volume = np.zeros(GRID_SIZE, dtype=dtype) if out is None else out.reshape(-1)
+    volume[our_flat_index(indices)] = values
+    return volume.reshape(GRID[2], GRID[0], GRID[1])
+
+
+def read_spacing(path: Path) -> tuple[float, float, float]:
+    """(z, y, x) spacing in mm from ``voxel_dimensions.csv`` (pixel, pixel, slice)."""
+    if not path.is_file():
+        raise CtanError(path, "missing")
+    try:
+        dims = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except ValueError as err:
+        raise CtanError(path, f"not three numbers: {err}") from None
+    if dims.shape != (3,):
+        raise CtanError(path, f"expected three voxel dimensions, found {dims.size}")
+    if not np.all(np.isfinite(dims)) or np.any(dims <= 0):
+        raise CtanError(path, f"voxel dimensions must be positive, found {dims.tolist()}")
+    return float(dims[2]), float(dims[0]), float(dims[1])
+
+
+def patient_folder(root: Path, ref: CaseRef) -> Path:
+    """Where a case's CSVs live."""
+    folders = _split_folders(root)
+    if ref.split not in folders:
+        raise CtanError(Path(root) / MARKER, f"no folder for split {ref.split!r}")
+    return folders[ref.split] / ref.case_id
+
+
+def read_case(root: Path, ref: CaseRef) -> Case:
+    """One patient: CT (HU), dose (Gy), possible-dose mask and the ten structure channels, in (z, y, x)."""
+    folder = patient_folder(root, ref)
+    if not folder.is_dir():
+        raise CtanError(folder, "patient folder not found")
+    csvs = {p.stem: p for p in folder.glob("*.csv") if not p.name.startswith(".")}
+    unknown = sorted(set(csvs) - set(REQUIRED) - set(STRUCTURES))
+    if unknown:
+        raise CtanError(
+            csvs[unknown[0]], f"unknown structure {unknown[0]!r}; OpenKBP has {', '.join(STRUCTURES)}"
+        )
+    for name in REQUIRED:
+        if name not in csvs:
+            raise CtanError(folder / f"{name}.csv", "missing (every OpenKBP patient needs it)")
+
+    spacing = read_spacing(csvs["voxel_dimensions"])
+    idx, values = read_sparse(csvs["ct"], with_values=True)
+    if not len(idx):
+        raise CtanError(csvs["ct"], "lists no voxels")
+    ct = np.full(GRID_SIZE, -CT_OFFSET, dtype=np.float32)
+    ct = _dense(idx, values - CT_OFFSET, np.float32, out=ct)
+    idx, values = read_sparse(csvs["dose"], with_values=True)
+    if len(values) and values.min() < 0:
+        raise CtanError(csvs["dose"], f"negative dose {values.min():g} Gy")
+    dose = _dense(idx, values, np.float32)
+    idx, _ = read_sparse(csvs["possible_dose_mask"], with_values=False)
+    possible = _dense(idx, 1, np.uint8)
+
+    structures = np.zeros((len(STRUCTURES), GRID[2], GRID[0], GRID[1]), dtype=np.uint8)
+    present = []
+    for c, name in enumerate(STRUCTURES):
+        present.append(name in csvs)
+        if name in csvs:
+            idx, _ = read_sparse(csvs[name], with_values=False)
+            _dense(idx, 1, np.uint8, out=structures[c])
+
+    return Case(
+        case_id=ref.case_id,
+        split=ref.split,
+        image=ct[None],
+        spacing=spacing,
+        origin=(0.0, 0.0, 0.0),
+        direction=tuple(np.eye(3).ravel().tolist()),
+        dense={"dose": dose[None], "possible_dose_mask": possible[None], "structures": structures},
+        structure_present=tuple(present),
+        sources=tuple(sorted(csvs.values())),
+    )

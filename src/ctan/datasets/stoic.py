@@ -1,0 +1,201 @@
+"""STOIC 2021: chest CT of suspected COVID-19 patients, labels COVID-19 (RT-PCR) and severity.
+
+Layout (the public training set as released on AWS, ``s3://stoic2021-training``)::
+
+    data/mha/<PatientID>.mha
+    metadata/reference.csv        PatientID,probCOVID,probSevere[,age,sex]
+    split.csv                     optional: PatientID,split (overrides the computed split)
+
+Labels: ``covid`` = probCOVID and ``severity`` = probSevere; the public reference file holds 0/1 only
+(severe = intubation or death within one month), so anything else is refused rather than thresholded.
+The CT is read with SimpleITK, which reports geometry in (x, y, z) order in the LPS world frame; we
+reverse spacing and origin and permute the direction matrix (``D_zyx = D_xyz[::-1, ::-1]``) so that
+``world_zyx = origin + D @ (spacing * index_zyx)`` holds for our (z, y, x) arrays.
+
+No official split of the public set exists: we split by PatientID (one scan per patient) with the split
+parameters, stratified by (covid, severity).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.splits import assign_splits, read_split_file
+from ctan.errors import CtanError
+from ctan.tasks import Task
+
+FORMAT = "stoic"
+SPATIAL_DIMS = 3
+MARKER = "metadata/reference.csv"
+
+CLASS_NAMES: tuple[str, ...] = ()
+STRUCTURES: tuple[str, ...] = ()
+REFERENCE_COLUMNS: tuple[str, ...] = ("PatientID", "probCOVID", "probSevere")
+MHA_FOLDER = "data/mha"
+SPLIT_FILE = "split.csv"
+
+TASKS: dict[str, Task] = {
+    "covid": Task(
+        name="covid",
+        kind="classification",
+        target="covid",
+        classes=2,
+        class_names=("negative", "positive"),
+        primary_metric="auc",
+        higher_is_better=True,
+        metrics=("auc",),
+    ),
+    "severity": Task(
+        name="severity",
+        kind="classification",
+        target="severity",
+        classes=2,
+        class_names=("not severe", "severe"),
+        primary_metric="auc_covid_positive",
+        higher_is_better=True,
+        metrics=("auc_covid_positive",),
+    ),
+}
+
+
+def structure_names(root: Path | None = None) -> list[str]:
+    """STOIC has no dense targets."""
+    return []
+
+
+def class_names(root: Path | None = None) -> list[str]:
+    """Both STOIC tasks are binary; there is no multi-class label."""
+    return []
+
+
+@lru_cache(maxsize=4)
+def _reference_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    path_ = Path(path)
+    try:
+        table = pd.read_csv(path_, dtype={"PatientID": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise CtanError(path_, f"not a readable CSV: {err}") from None
+    missing = [c for c in REFERENCE_COLUMNS if c not in table.columns]
+    if missing:
+        raise CtanError(path_, f"missing column(s) {', '.join(missing)}")
+    if table.empty:
+        raise CtanError(path_, "lists no patients")
+    table["PatientID"] = table["PatientID"].str.strip()
+    if (table["PatientID"].fillna("") == "").any():
+        raise CtanError(path_, "a row has no PatientID")
+    duplicated = table["PatientID"][table["PatientID"].duplicated()]
+    if len(duplicated):
+        raise CtanError(path_, f"PatientID {duplicated.iloc[0]} is listed twice")
+    for column in ("probCOVID", "probSevere"):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = ~values.isin([0, 1])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            value, patient = table[column].iloc[row], table["PatientID"].iloc[row]
+            raise CtanError(path_, f"{column} must be 0 or 1, found {value!r} for patient {patient}")
+        table[column] = values.astype(int)
+    return table.set_index("PatientID")
+
+
+def read_reference(root: Path) -> pd.DataFrame:
+    """The checked label table, indexed by PatientID (a string, as in the file names)."""
+    path = Path(root) / MARKER
+    if not path.is_file():
+        raise CtanError(path, "missing")
+    stat = path.stat()
+    return _reference_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def mha_path(root: Path, patient_id: str) -> Path:
+    return Path(root) / MHA_FOLDER / f"{patient_id}.mha"
+
+
+def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
+    """Every patient of reference.csv with its split; each needs its ``.mha``."""
+    root = Path(root)
+    ref = read_reference(root)
+    ids = list(ref.index)
+    present = set(os.listdir(root / MHA_FOLDER)) if (root / MHA_FOLDER).is_dir() else set()
+    for patient_id in ids:
+        if f"{patient_id}.mha" not in present:
+            raise CtanError(mha_path(root, patient_id), "missing (listed in metadata/reference.csv)")
+    split_file = root / SPLIT_FILE
+    if split_file.is_file():
+        by_patient = read_split_file(split_file, "PatientID", ids)
+    else:
+        strata = dict(zip(ids, ref["probCOVID"] * 2 + ref["probSevere"], strict=True))
+        by_patient = assign_splits(strata, split_params)
+    return [CaseRef(i, by_patient[i]) for i in sorted(ids, key=lambda i: (len(i), i))]
+
+
+def read_geometry(
+    reader: sitk.ImageFileReader,
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(spacing, origin, direction) in (z, y, x) order from an ITK image header in (x, y, z) order."""
+    n = reader.GetDimension()
+    spacing = tuple(float(s) for s in reversed(reader.GetSpacing()))
+    origin = tuple(float(o) for o in reversed(reader.GetOrigin()))
+    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(n, n)[::-1, ::-1]
+    return spacing, origin, tuple(direction.ravel().tolist())
+
+
+def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """A 3D CT image file -> ((z, y, x) float32 HU, spacing, origin, direction), geometry checked first."""
+    if not path.is_file():
+        raise CtanError(path, "missing")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise CtanError(path, f"unreadable image header: {_itk_message(err)}") from None
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        raise CtanError(
+            path,
+            f"expected a 3D scalar CT, found {reader.GetDimension()}D with "
+            f"{reader.GetNumberOfComponents()} component(s)",
+        )
+    spacing, origin, direction = read_geometry(reader)
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise CtanError(path, f"voxel spacing must be positive, found {spacing} (z, y, x)")
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise CtanError(path, f"unreadable image data: {_itk_message(err)}") from None
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return array, spacing, origin, direction
+
+
+def _itk_message(err: RuntimeError) -> str:
+    """ITK's last informative line, without the C++ source location."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[-1] if lines else "unknown error"
+    return message.split("ERROR: ")[-1][:200]
+
+
+def read_case(root: Path, ref: CaseRef) -> Case:
+    """One patient: CT (1, z, y, x) in HU with its geometry, labels covid and severity."""
+    root = Path(root)
+    table = read_reference(root)
+    if ref.case_id not in table.index:
+        raise CtanError(root / MARKER, f"patient {ref.case_id} is not listed")
+    path = mha_path(root, ref.case_id)
+    array, spacing, origin, direction = read_ct(path)
+    row = table.loc[ref.case_id]
+    return Case(
+        case_id=ref.case_id,
+        split=ref.split,
+        image=array[None],
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        labels={"covid": int(row["probCOVID"]), "severity": int(row["probSevere"])},
+        sources=(path, root / MARKER),
+    )

@@ -1,0 +1,271 @@
+"""The torch Dataset over the preprocessed split stores, and the training augmentation.
+
+Why it looks like this:
+
+- Stores keep physical units (HU, 8-bit RGB); the image is normalised here with the window recorded in
+  the store (`ctan.preprocess.intensity`), so a change of window needs no new preprocessing.
+- Every random choice of an item comes from a generator seeded with (seed, epoch, index), so an epoch
+  gives the same items whatever the number of DataLoader workers, and a resumed run sees the same data.
+- A 3D patch is read by slicing the Zarr array: only the chunks under the patch are decoded.
+- The store is opened lazily in each process (never pickled), so ``num_workers > 0`` is safe.
+
+Augmentation (``augment=True``): 3D random patches of ``patch_size`` and random flips along each axis
+(a flip along x, the patient's left-right axis, also swaps the channels of paired Left/Right
+structures, so labels stay anatomically right); 2D random flips and a small colour jitter (brightness,
+contrast, saturation). Without augmentation a patch is the centred one, and ``patch_size=None`` gives
+the whole case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ctan.errors import CtanError
+from ctan.preprocess.intensity import normalise_ct, normalise_rgb
+from ctan.store import SplitStore
+from ctan.tasks import Task
+
+FLIP_PROBABILITY = 0.5
+JITTER = {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1}  # factors drawn from 1 ± these
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma, as torchvision uses
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The random choices for one item. ``start`` is the patch corner in voxels (may be negative
+    where the patch is larger than the case: the rest is padded); ``flips`` are spatial axes."""
+
+    start: tuple[int, ...] = ()
+    flips: tuple[int, ...] = ()
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+
+
+def patch_start(
+    shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator | None = None
+) -> tuple[int, ...]:
+    """Corner of a patch inside ``shape``: uniformly random with ``rng``, else centred."""
+    out = []
+    for n, p in zip(shape, patch, strict=True):
+        lo, hi = min(0, n - p), max(0, n - p)
+        out.append(int(rng.integers(lo, hi + 1)) if rng is not None else (n - p) // 2)
+    return tuple(out)
+
+
+def read_window(array: Any, start: Sequence[int], size: Sequence[int], fill: float = 0) -> np.ndarray:
+    """``array[:, start:start+size]`` over the spatial axes, reading only that region; the part
+    outside the array is padded with ``fill``."""
+    shape = array.shape[1:]
+    lo = [max(s, 0) for s in start]
+    hi = [min(s + p, n) for s, p, n in zip(start, size, shape, strict=True)]
+    data = np.asarray(array[(slice(None), *(slice(a, b) for a, b in zip(lo, hi, strict=True)))])
+    pad = [(a - s, s + p - b) for s, p, a, b in zip(start, size, lo, hi, strict=True)]
+    if any(before or after for before, after in pad):
+        data = np.pad(data, [(0, 0), *pad], constant_values=fill)
+    return data
+
+
+def flip(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Flip the given spatial axes of a (C, *spatial) array."""
+    if not axes:
+        return array
+    return np.ascontiguousarray(np.flip(array, axis=tuple(a + 1 for a in axes)))
+
+
+def colour_jitter(rgb: np.ndarray, brightness: float, contrast: float, saturation: float) -> np.ndarray:
+    """Adjust a (3, H, W) image in [0, 1] as torchvision's ColorJitter does, in that order; clipped."""
+    out = np.clip(rgb * brightness, 0, 1)
+    grey = np.tensordot(_GREY, out, axes=1)
+    out = np.clip(grey.mean() + contrast * (out - grey.mean()), 0, 1)
+    grey = np.tensordot(_GREY, out, axes=1)
+    out = np.clip(grey + saturation * (out - grey), 0, 1)
+    return out.astype(np.float32)
+
+
+_SIDE = re.compile(r"^(Left|Right)(.+)$|^(.+?)[_ ]?(L|R)$")
+
+
+def lateral_pairs(names: Sequence[str]) -> list[tuple[int, int]]:
+    """Channel index pairs of structures that mirror each other (``LeftParotid``/``RightParotid``,
+    ``Femur_L``/``Femur_R``)."""
+
+    def key(name: str) -> tuple[str, str] | None:
+        m = _SIDE.match(name)
+        if not m:
+            return None
+        if m.group(1):
+            return m.group(1)[0], m.group(2)
+        return m.group(4), m.group(3)
+
+    index = {key(n): i for i, n in enumerate(names) if key(n)}
+    return [(i, index[("R", k[1])]) for k, i in index.items() if k[0] == "L" and ("R", k[1]) in index]
+
+
+def swap_channels(array: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Exchange paired channels (first axis)."""
+    if not pairs:
+        return array
+    order = list(range(array.shape[0]))
+    for a, b in pairs:
+        order[a], order[b] = b, a
+    return array[order]
+
+
+class CaseDataset(Dataset):
+    """Items of one split store: ``{"case_id", "image", <task.name>: target, ...}`` (see module doc).
+
+    ``image`` is float32 (C, *spatial), normalised; dense targets are float32 (C, *spatial); labels
+    are int64 scalars; ``possible_dose_mask`` (float32) comes with a dose task and
+    ``structure_present`` (bool, S) with a structures task.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        split: str,
+        tasks: Sequence[Task],
+        patch_size: Sequence[int] | None = None,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.path = Path(store_dir) / f"{split}.zarr"
+        store = SplitStore.open(self.path)
+        attrs = store.attrs
+        self.case_ids: list[str] = list(attrs.get("case_ids", []))
+        if not self.case_ids:
+            raise CtanError(self.path, "the split store holds no cases")
+        self.spatial_dims = int(attrs["spatial_dims"])
+        self.tasks = list(tasks)
+        self.patch_size = None if patch_size is None else tuple(int(p) for p in patch_size)
+        if self.patch_size is not None and len(self.patch_size) != self.spatial_dims:
+            raise CtanError(
+                self.path,
+                f"patch_size {list(self.patch_size)} does not match {self.spatial_dims} spatial axes",
+            )
+        self.augment = bool(augment)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.intensity = dict(attrs.get("intensity") or {})
+        self.structure_names = list(attrs.get("structure_names") or [])
+        self._pairs = lateral_pairs(self.structure_names) if self.spatial_dims == 3 else []
+        self._with_dose_mask = any(t.target == "dose" for t in self.tasks)
+        self._check(store)
+        self._store: SplitStore | None = None
+        self._pid: int | None = None
+        self._arrays: dict[tuple[str, str], Any] = {}  # per process: opening an array reads its metadata
+        self._attrs: dict[str, dict[str, Any]] = {}
+
+    def _check(self, store: SplitStore) -> None:
+        """Fail at construction, naming the store, rather than in a worker mid-epoch."""
+        case_id = self.case_ids[0]
+        arrays = set(store.array_names(case_id))
+        labels = store.case_attrs(case_id).get("labels", {})
+        needed = {t.target for t in self.tasks if t.dense} | {"image"}
+        if self._with_dose_mask:
+            needed.add("possible_dose_mask")
+        missing = sorted(needed - arrays) + sorted(
+            t.target for t in self.tasks if not t.dense and t.target not in labels
+        )
+        if missing:
+            raise CtanError(self.path / case_id, f"no {', '.join(missing)} for the requested tasks")
+        if "ct_window" not in self.intensity and store.array(case_id, "image").dtype != np.uint8:
+            raise CtanError(
+                self.path, "no CT window in the store's intensity attributes; re-run `ctan preprocess`"
+            )
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose random augmentation the items get."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"], state["_pid"] = None, None  # each worker opens its own
+        state["_arrays"], state["_attrs"] = {}, {}
+        return state
+
+    def _open(self) -> SplitStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = SplitStore.open(self.path)
+            self._pid = os.getpid()
+            self._arrays, self._attrs = {}, {}
+        return self._store
+
+    def _array(self, case_id: str, name: str) -> Any:
+        key = (case_id, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._open().array(case_id, name)
+        return self._arrays[key]
+
+    def _case_attrs(self, case_id: str) -> dict[str, Any]:
+        if case_id not in self._attrs:
+            self._attrs[case_id] = self._open().case_attrs(case_id)
+        return self._attrs[case_id]
+
+    def augmentation(self, index: int, shape: Sequence[int] | None = None) -> Augmentation:
+        """The random choices for item ``index`` in the current epoch (a pure function of seed, epoch,
+        index and the case's shape)."""
+        if shape is None:
+            shape = self._array(self.case_ids[index], "image").shape[1:]
+        if not self.augment:
+            start = patch_start(shape, self.patch_size) if self.patch_size else ()
+            return Augmentation(start=start)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = patch_start(shape, self.patch_size, rng) if self.patch_size else ()
+        flips = tuple(a for a in range(self.spatial_dims) if rng.random() < FLIP_PROBABILITY)
+        if self.spatial_dims == 2:
+            factors = {k: float(rng.uniform(1 - v, 1 + v)) for k, v in JITTER.items()}
+            return Augmentation(start=start, flips=flips, **factors)
+        return Augmentation(start=start, flips=flips)
+
+    def _normalise(self, image: np.ndarray) -> np.ndarray:
+        if "ct_window" in self.intensity:
+            return normalise_ct(image, self.intensity["ct_window"])
+        return normalise_rgb(image)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self._open()
+        case_id = self.case_ids[index]
+        image_array = self._array(case_id, "image")
+        shape = image_array.shape[1:]
+        aug = self.augmentation(index, shape)
+        size = self.patch_size or shape
+        start = aug.start or (0,) * len(shape)
+        x_flipped = self.spatial_dims == 3 and (self.spatial_dims - 1) in aug.flips
+
+        def dense(name: str) -> np.ndarray:
+            data = read_window(self._array(case_id, name), start, size)
+            data = flip(data.astype(np.float32, copy=False), aug.flips)
+            return swap_channels(data, self._pairs) if name == "structures" and x_flipped else data
+
+        fill = self.intensity["ct_window"][0] if "ct_window" in self.intensity else 0
+        image = flip(self._normalise(read_window(image_array, start, size, fill)), aug.flips)
+        if self.spatial_dims == 2 and self.augment and image.shape[0] == 3:
+            image = colour_jitter(image, aug.brightness, aug.contrast, aug.saturation)
+        item: dict[str, Any] = {"case_id": case_id, "image": torch.from_numpy(np.ascontiguousarray(image))}
+        attrs = self._case_attrs(case_id)
+        for task in self.tasks:
+            if task.dense:
+                item[task.name] = torch.from_numpy(dense(task.target))
+            else:
+                item[task.name] = torch.tensor(int(attrs["labels"][task.target]), dtype=torch.int64)
+            if task.target == "structures":
+                channels = self._array(case_id, "structures").shape[0]
+                present = np.asarray(attrs.get("structure_present") or [True] * channels, bool)
+                present = swap_channels(present, self._pairs) if x_flipped else present
+                item["structure_present"] = torch.from_numpy(np.ascontiguousarray(present))
+        if self._with_dose_mask:
+            item["possible_dose_mask"] = torch.from_numpy(dense("possible_dose_mask"))
+        return item

@@ -1,0 +1,247 @@
+"""`ctan preprocess`: every case of a downloaded dataset onto the configured grid, one Zarr store per split.
+
+Reads ``settings.raw_dir`` (what `ctan download` produced) with the dataset's reader, resamples each
+case (`ctan.preprocess.resample`), writes ``train.zarr``, ``validation.zarr`` and ``test.zarr``
+(`ctan.store`) and ``manifest.json`` (`ctan.manifest`) into a hidden folder beside
+``settings.preprocessed_dir``, and moves it into place only when everything succeeded: a bad case
+leaves nothing behind. CT stays in HU; the loader normalises intensities (`ctan.preprocess.intensity`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ctan.config import DatasetSettings, params_hash
+from ctan.datasets.base import SPLITS, Case, CaseRef
+from ctan.errors import CtanError
+from ctan.manifest import MANIFEST, build_manifest, case_entry, write_manifest
+from ctan.preprocess.resample import resample_case
+from ctan.provenance import file_sha256
+
+DEFAULT_CT_WINDOW = [-1000.0, 1000.0]
+
+
+def target_grid(settings: DatasetSettings, spatial_dims: int) -> tuple[list[float] | None, list[int] | None]:
+    """(spacing, shape) from ``preprocess:``, checked against the data's dimensionality."""
+    spacing = settings.preprocess.get("spacing")
+    shape = settings.preprocess.get("shape")
+    where = f"datasets.{settings.name}.preprocess"
+    if spatial_dims == 2 and spacing is not None:
+        raise CtanError(
+            None, f"{where}.spacing is for 3D data; {settings.format} is 2D: set only shape [H, W]"
+        )
+    if shape is not None and len(shape) != spatial_dims:
+        raise CtanError(
+            None, f"{where}.shape {list(shape)} must have {spatial_dims} entries for {settings.format}"
+        )
+    return spacing, shape
+
+
+def _names(reader: ModuleType, root: Path, function: str, constant: str) -> list[str]:
+    """Channel or class names: defined by the dataset (bring-your-own structures) or fixed by the format."""
+    names = getattr(reader, function, None)
+    if callable(names):
+        return [str(n) for n in names(root)]
+    return [str(n) for n in getattr(reader, constant, ())]
+
+
+def source_hashes(case: Case, raw_dir: Path) -> dict[str, str]:
+    """{path relative to the raw folder: sha256} of the files a case was read from."""
+    out = {}
+    for path in case.sources:
+        path = Path(path)
+        try:
+            rel = path.resolve().relative_to(raw_dir.resolve()).as_posix()
+        except ValueError:
+            rel = path.as_posix()
+        out[rel] = file_sha256(path)
+    return out
+
+
+def _blame(case: Case, name: str, root: Path) -> Path:
+    """The file to name for a problem with array ``name``: the one called so if any, else the first."""
+    for path in case.sources:
+        if Path(path).name.split(".")[0] == name:
+            return Path(path)
+    return Path(case.sources[0]) if case.sources else root / case.case_id
+
+
+def check_case(
+    case: Case, spatial_dims: int, root: Path, same_grid: bool, structure_names: Sequence[str] | None = None
+) -> None:
+    """Refuse a case that would poison training: wrong dimensionality, non-finite values, mismatched grids."""
+    arrays = {"image": case.image, **case.dense}
+    if (
+        structure_names is not None
+        and "structures" in arrays
+        and len(arrays["structures"]) != len(structure_names)
+    ):
+        raise CtanError(
+            _blame(case, "structures", root),
+            f"{len(arrays['structures'])} structure channels, but the dataset names {len(structure_names)}",
+        )
+    for name, array in arrays.items():
+        if array.ndim != spatial_dims + 1:
+            raise CtanError(
+                _blame(case, name, root), f"{name} has shape {array.shape}, expected (C, {spatial_dims} axes)"
+            )
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise CtanError(_blame(case, name, root), f"{name} has non-finite values (NaN or inf)")
+        if same_grid and array.shape[1:] != case.image.shape[1:]:
+            raise CtanError(
+                _blame(case, name, root),
+                f"{name} grid {array.shape[1:]} differs from the image grid {case.image.shape[1:]}",
+            )
+    if len(case.spacing) != spatial_dims or not all(np.isfinite(s) and s > 0 for s in case.spacing):
+        raise CtanError(_blame(case, "image", root), f"invalid voxel spacing {case.spacing}")
+
+
+def source_attrs(case: Case) -> dict[str, Any]:
+    """The original grid, so predictions can be mapped back to it."""
+    return {
+        "source_shape": [int(n) for n in case.spatial_shape],
+        "source_spacing": [float(s) for s in case.spacing],
+        "source_origin": [float(o) for o in case.origin],
+        "source_direction": [float(d) for d in case.direction],
+    }
+
+
+def _refs_by_split(refs: Sequence[CaseRef], raw_dir: Path) -> dict[str, list[CaseRef]]:
+    by_split: dict[str, list[CaseRef]] = {s: [] for s in SPLITS}
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.split not in by_split:
+            raise CtanError(raw_dir, f"case {ref.case_id} has unknown split {ref.split!r}")
+        if ref.case_id in seen:
+            raise CtanError(raw_dir, f"case id {ref.case_id} appears more than once")
+        seen.add(ref.case_id)
+        by_split[ref.split].append(ref)
+    empty = [s for s, r in by_split.items() if not r]
+    if empty:
+        raise CtanError(raw_dir, f"no cases in split(s) {', '.join(empty)}; every split needs at least one")
+    return by_split
+
+
+def _read(reader: ModuleType, root: Path, ref: CaseRef) -> Case:
+    """A reader's case; an I/O error it did not anticipate (a damaged file) still becomes one line."""
+    try:
+        return reader.read_case(root, ref)
+    except OSError as err:
+        where = err.filename or root  # the reader did not say which file: name the dataset
+        raise CtanError(
+            where, f"case {ref.case_id} could not be read: {' '.join(str(err).split())}"
+        ) from None
+
+
+def _up_to_date(out: Path, phash: str, source_sha256: str | None) -> bool:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("params_hash") == phash and manifest.get("source_sha256") == source_sha256
+
+
+def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
+    """Write ``settings.preprocessed_dir`` (see the module docstring); return that folder."""
+    from ctan.datasets import find_root, get_reader
+    from ctan.store import create_split, write_case
+
+    started = time.perf_counter()
+    raw_dir = Path(settings.raw_dir)
+    source_json = raw_dir / "source.json"
+    if not source_json.is_file():
+        raise CtanError(
+            raw_dir, f"not downloaded (no source.json); run `ctan download {settings.name}` first"
+        )
+    try:
+        source_sha256 = json.loads(source_json.read_text()).get("sha256")
+    except (OSError, ValueError) as err:
+        raise CtanError(source_json, f"unreadable: {err}") from None
+
+    reader = get_reader(settings.format)
+    spatial_dims = int(reader.SPATIAL_DIMS)
+    spacing, shape = target_grid(settings, spatial_dims)
+    unknown = [t for t in settings.tasks if t not in reader.TASKS]
+    if unknown:
+        offered = ", ".join(reader.TASKS)
+        raise CtanError(None, f"format {settings.format} offers no task {', '.join(unknown)} ({offered})")
+    root = raw_dir / settings.subdir if settings.subdir else find_root(raw_dir, settings.format)
+    by_split = _refs_by_split(reader.list_cases(root, settings.split), raw_dir)
+
+    out = Path(settings.preprocessed_dir)
+    phash = params_hash(settings.data_section)
+    if out.exists() and not force:
+        if _up_to_date(out, phash, source_sha256):
+            print(f"{out}: up to date with these parameters and source; nothing to do")
+            return out
+        raise CtanError(
+            out, "exists (other parameters, other source or an incomplete run); pass --force to replace it"
+        )
+
+    names = _names(reader, root, "structure_names", "STRUCTURES")
+    classes = _names(reader, root, "class_names", "CLASS_NAMES")
+    intensity = (
+        {"ct_window": [float(v) for v in settings.preprocess.get("ct_window") or DEFAULT_CT_WINDOW]}
+        if spatial_dims == 3
+        else {"scale": 255}
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    data = work / "data"
+    entries: list[dict[str, Any]] = []
+    total = sum(len(r) for r in by_split.values())
+    try:
+        data.mkdir()
+        with tqdm(total=total, desc=f"preprocess {settings.name}", unit="case", disable=None) as bar:
+            for split, refs in by_split.items():
+                store = create_split(
+                    data / f"{split}.zarr",
+                    {
+                        "dataset": settings.name,
+                        "format": settings.format,
+                        "split": split,
+                        "spatial_dims": spatial_dims,
+                        "case_ids": [r.case_id for r in refs],
+                        "structure_names": names,
+                        "class_names": classes,
+                        "tasks": list(settings.tasks),
+                        "intensity": intensity,
+                    },
+                )
+                for ref in refs:
+                    case = _read(reader, root, ref)
+                    check_case(case, spatial_dims, root, spatial_dims == 3 or shape is None, names)
+                    hashes = write_case(store, resample_case(case, spacing, shape), extra=source_attrs(case))
+                    entries.append(case_entry(ref.case_id, split, source_hashes(case, raw_dir), hashes))
+                    bar.update()
+        manifest = build_manifest(
+            dataset=settings.name,
+            format=settings.format,
+            source_sha256=source_sha256,
+            params_hash=phash,
+            spatial_dims=spatial_dims,
+            structure_names=names,
+            class_names=classes,
+            tasks=list(settings.tasks),
+            cases=entries,
+        )
+        write_manifest(data, manifest)
+        if out.exists():
+            os.replace(out, work / "replaced")
+        os.replace(data, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts = ", ".join(f"{len(r)} {s}" for s, r in by_split.items())
+    print(f"{out}: {total} cases ({counts}) in {time.perf_counter() - started:.1f} s")
+    return out

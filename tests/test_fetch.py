@@ -1,0 +1,198 @@
+"""`ctan download`: sources, pinned digests, safe extraction and all-or-nothing installation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctan import fetch
+from ctan.config import dataset_settings, load_params
+from ctan.datasets.demo import generate
+from ctan.errors import CtanError
+from ctan.fetch import download_dataset, download_url, unsafe_entry_name
+from ctan.provenance import file_sha256, tree_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+COUNTS = {"train": 2, "validation": 1, "test": 1}
+
+
+def settings_for(tmp_path: Path, name: str = "ds", **dataset):
+    """DatasetSettings of one dataset (default: a small ham10000 demo) with every path in tmp_path."""
+    entry = {"format": "ham10000", "source": "demo", "demo": {**COUNTS, "seed": 1}, "tasks": ["lesion"]}
+    entry.update(dataset)
+    override = {
+        "run": {"datasets": [name]},
+        "paths": {k: str(tmp_path / k) for k in ("raw", "preprocessed", "models", "results")},
+        "datasets": {name: entry},
+    }
+    path = tmp_path / f"params.{name}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return dataset_settings(load_params([REPO / "params.yaml", path]), name)
+
+
+@pytest.fixture
+def ham_folder(tmp_path: Path) -> Path:
+    """A tiny valid HAM10000-layout dataset, as a folder wrapped in one top-level directory."""
+    return generate("ham10000", tmp_path / "src" / "ham-release", COUNTS, seed=3).parent
+
+
+def make_archive(folder: Path, out: Path) -> Path:
+    """Archive ``folder``'s contents as .zip or as a tar with the compression its suffix names."""
+    if out.suffix == ".zip":
+        with zipfile.ZipFile(out, "w") as zf:
+            for file in sorted(folder.rglob("*")):
+                zf.write(file, file.relative_to(folder).as_posix())
+        return out
+    mode = {".gz": "w:gz", ".tgz": "w:gz", ".xz": "w:xz", ".bz2": "w:bz2", ".tar": "w"}[out.suffix]
+    with tarfile.open(out, mode) as tf:
+        for child in sorted(folder.iterdir()):
+            tf.add(child, child.name)
+    return out
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "a/../../x", "a/..", "/etc/passwd", "C:\\x", "\\\\server\\share\\x"]
+)
+def test_unsafe_names_are_refused(name):
+    assert unsafe_entry_name(name) is not None
+
+
+@pytest.mark.parametrize("name", ["a/b", "a/b..c/d", "a/..b", "./a", "provided-data/pt_1/ct.csv"])
+def test_ordinary_names_pass(name):
+    assert unsafe_entry_name(name) is None
+
+
+def test_demo_download_is_idempotent_and_guarded(tmp_path, capsys):
+    settings = settings_for(tmp_path)
+    out = download_dataset(settings)
+    record = json.loads((out / "source.json").read_text())
+    assert record["kind"] == "demo" and record["demo"] == {"format": "ham10000", "counts": COUNTS, "seed": 1}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"source.json"}
+    assert set(record["files"]) == on_disk
+    assert record["files"]["HAM10000_metadata.csv"] == file_sha256(out / "HAM10000_metadata.csv")
+    assert record["sha256"] == record["tree_sha256"]
+
+    capsys.readouterr()
+    assert download_dataset(settings) == out
+    assert "nothing to do" in capsys.readouterr().out
+
+    other = settings_for(tmp_path, demo={**COUNTS, "seed": 2})
+    with pytest.raises(CtanError, match="pass --force"):
+        download_dataset(other)
+    assert json.loads((out / "source.json").read_text())["demo"]["seed"] == 1
+    download_dataset(other, force=True)
+    assert json.loads((out / "source.json").read_text())["demo"]["seed"] == 2
+    assert leftovers(out.parent) == ["ds"]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".zip"])
+def test_every_archive_format_gives_the_same_tree(tmp_path, ham_folder, suffix):
+    archive = make_archive(ham_folder, tmp_path / f"release{suffix}")
+    sha = file_sha256(archive)
+    out = download_dataset(settings_for(tmp_path, source=str(archive), sha256=sha))
+    record = json.loads((out / "source.json").read_text())
+    assert record["sha256"] == sha and record["kind"] == "archive" and record["root"] == "ham-release"
+    _, expected = fetch.hash_tree(ham_folder)
+    assert record["files"] == expected
+    assert leftovers(out.parent) == ["ds"]  # no partial folders, no decompressed scratch tar
+
+
+def test_folder_source_digest_and_pin(tmp_path, ham_folder):
+    digest = tree_sha256(ham_folder)
+    with pytest.raises(CtanError, match="SHA-256 mismatch"):
+        download_dataset(settings_for(tmp_path, source=str(ham_folder), sha256="0" * 64))
+    assert not (tmp_path / "raw" / "ds").exists()
+    out = download_dataset(settings_for(tmp_path, source=str(ham_folder), sha256=digest))
+    record = json.loads((out / "source.json").read_text())
+    assert record["sha256"] == digest == record["tree_sha256"] and record["kind"] == "folder"
+    assert (out / "ham-release" / "HAM10000_metadata.csv").is_file()
+    assert tree_sha256(out / "ham-release") == tree_sha256(ham_folder / "ham-release")
+
+
+def test_sha256_argument_overrides_params(tmp_path, ham_folder):
+    archive = make_archive(ham_folder, tmp_path / "release.tar.gz")
+    settings = settings_for(tmp_path, source=str(archive), sha256="1" * 64)
+    out = download_dataset(settings, sha256=file_sha256(archive).upper())
+    assert (out / "source.json").is_file()
+
+
+def test_interrupted_download_leaves_nothing(tmp_path, ham_folder, monkeypatch):
+    archive = make_archive(ham_folder, tmp_path / "release.tar.gz")
+
+    def interrupted(folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fetch, "hash_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        download_dataset(settings_for(tmp_path, source=str(archive), sha256=file_sha256(archive)))
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_incomplete_raw_dir_is_not_mistaken_for_a_download(tmp_path, ham_folder):
+    settings = settings_for(tmp_path, source=str(ham_folder))
+    settings.raw_dir.mkdir(parents=True)
+    (settings.raw_dir / "half-written.csv").write_text("x")
+    with pytest.raises(CtanError, match="not a complete download"):
+        download_dataset(settings)
+    out = download_dataset(settings, force=True)
+    assert not (out / "half-written.csv").exists() and (out / "source.json").is_file()
+
+
+def test_url_source_is_pinned_and_installed(tmp_path, ham_folder, monkeypatch):
+    archive = make_archive(ham_folder, tmp_path / "release.zip")
+    sha = file_sha256(archive)
+
+    def fake_download(url: str, dest: Path) -> str:  # no network in tests
+        shutil.copy(archive, dest)
+        return file_sha256(dest)
+
+    monkeypatch.setattr(fetch, "download_url", fake_download)
+    url = "https://example.org/release.zip"
+    with pytest.raises(CtanError, match=f"its SHA-256 is {sha}"):
+        download_dataset(settings_for(tmp_path, source=url))
+    assert leftovers(tmp_path / "raw") == []
+    out = download_dataset(settings_for(tmp_path, source=url, sha256=sha))
+    record = json.loads((out / "source.json").read_text())
+    assert record["kind"] == "url" and record["sha256"] == sha and record["source"] == url
+    assert not any(p.name == "download" for p in out.rglob("*"))
+
+
+def test_download_url_streams_and_hashes(tmp_path):
+    payload = bytes(range(256)) * 5000
+    src = tmp_path / "payload.bin"
+    src.write_bytes(payload)
+    dest = tmp_path / "dest.bin"
+    assert download_url(src.as_uri(), dest) == hashlib.sha256(payload).hexdigest()
+    assert dest.read_bytes() == payload
+    with pytest.raises(CtanError, match="download failed"):
+        download_url((tmp_path / "absent.bin").as_uri(), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "source", ["s3://stoic2021-training", "https://stoic2021-training.s3.amazonaws.com/"]
+)
+def test_stoic_bucket_explains_how_to_sync(tmp_path, source):
+    with pytest.raises(CtanError, match="aws s3 sync --no-sign-request"):
+        download_dataset(settings_for(tmp_path, format="stoic", tasks=["covid"], source=source))
+
+
+def test_official_sources_are_documented():
+    assert fetch.OFFICIAL_SOURCES["openkbp"].endswith("ce625e62f3b04203f22bd9d1634f3e8fb0245e46.zip")
+    assert "10.7910/DVN/DBW86T" in fetch.OFFICIAL_SOURCES["ham10000"]
+    assert fetch.OFFICIAL_SOURCES["stoic"] == "s3://stoic2021-training"
+    for url in fetch.OFFICIAL_SOURCES.values():
+        assert url in (fetch.__doc__ or "") or url.split("?")[0] in (fetch.__doc__ or "")

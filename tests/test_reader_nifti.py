@@ -1,0 +1,210 @@
+"""Bring-your-own NIfTI cases: world coordinates survive canonical reorientation, bad cases refused."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctan.datasets import find_root, nifti_cases
+from ctan.datasets.base import CaseRef
+from ctan.errors import CtanError
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def write_case(
+    root: Path, case: str, ct: np.ndarray, affine: np.ndarray, masks: dict[str, np.ndarray] | None = None
+) -> Path:
+    """A case with a synthetic dose (a ramp along the first file axis, 0 outside the body) and masks."""
+    folder = root / "cases" / case
+    save(folder / "ct.nii.gz", ct, affine)
+    ramp = np.arange(ct.shape[0], dtype=np.float32)[:, None, None]
+    save(folder / "dose.nii.gz", ((ct > -500) * ramp).astype(np.float32), affine)
+    for name, mask in (masks or {}).items():
+        save(folder / "masks" / f"{name}.nii.gz", mask.astype(np.uint8), affine)
+    return folder
+
+
+def world_to_ours(case, world_ras: np.ndarray) -> np.ndarray:
+    """Our (z, y, x) index of a RAS world point, through the case's own geometry."""
+    direction = np.asarray(case.direction).reshape(3, 3)
+    return np.linalg.solve(direction, world_ras[::-1] - np.asarray(case.origin)) / np.asarray(case.spacing)
+
+
+@pytest.fixture(scope="session")
+def example(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The real CT as stored, and the same CT rewritten in a non-canonical (S, P, L) voxel order."""
+    image = nib.load(shared_data / "nifti" / "example_ct.nii.gz")
+    data = np.asarray(image.dataobj).astype(np.int16)
+    n = data.shape
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = [n[0] - 1, n[1] - 1, 0]
+    swap = np.eye(4)[:, [2, 1, 0, 3]]
+    affine = (
+        image.affine @ flip @ swap
+    )  # voxel (i, j, k) of the new file = voxel (n0-1-k, n1-1-j, i) of the old
+    reoriented = np.ascontiguousarray(data[::-1, ::-1, :].transpose(2, 1, 0))
+    assert nib.aff2axcodes(affine) == ("S", "P", "L")
+    return reoriented, affine
+
+
+@pytest.fixture
+def real_root(tmp_path: Path, example: tuple[np.ndarray, np.ndarray]) -> Path:
+    ct, affine = example
+    write_case(tmp_path, "p01", ct, affine, {"Bone": ct > 300, "Body": ct > -500})
+    write_case(tmp_path, "p02", ct, affine, {"Bladder": ct > 2000})
+    return tmp_path
+
+
+def assert_names(err: pytest.ExceptionInfo[CtanError], filename: str) -> None:
+    assert err.value.path is not None and err.value.path.endswith(filename), str(err.value)
+
+
+# --- real data ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_landmarks_keep_their_world_coordinates(
+    real_root: Path, example: tuple[np.ndarray, np.ndarray]
+) -> None:
+    ct, affine = example
+    case = nifti_cases.read_case(real_root, CaseRef("p01", "train"))
+    assert case.image.shape == (1, 112, 101, 122)  # the original file is RAS (x, y, z) = (122, 101, 112)
+    assert case.image.dtype == np.float32
+    dose = case.dense["dose"][0]
+    rng = np.random.default_rng(0)
+    corners = [(0, 0, 0), (ct.shape[0] - 1, ct.shape[1] - 1, ct.shape[2] - 1)]
+    brightest = np.unravel_index(int(ct.argmax()), ct.shape)
+    for ijk in corners + [brightest] + [tuple(rng.integers(0, ct.shape)) for _ in range(20)]:
+        world = (affine @ [*ijk, 1.0])[:3]
+        index = world_to_ours(case, world)
+        assert np.allclose(index, np.round(index), atol=1e-4), (ijk, index)
+        zyx = tuple(int(v) for v in np.round(index))
+        assert case.image[(0, *zyx)] == ct[ijk]
+        assert dose[zyx] == np.float32((ct[ijk] > -500) * ijk[0])
+    assert np.isclose(np.linalg.det(np.asarray(case.direction).reshape(3, 3)), 1.0)
+    assert case.spacing == (3.0, 3.0, 3.0)
+
+
+@pytest.mark.realdata
+def test_structures_are_the_sorted_union_over_cases(
+    real_root: Path, example: tuple[np.ndarray, np.ndarray]
+) -> None:
+    ct, _ = example
+    assert nifti_cases.structure_names(real_root) == ["Bladder", "Body", "Bone"]
+    case = nifti_cases.read_case(real_root, CaseRef("p01", "train"))
+    structures = case.dense["structures"]
+    assert structures.shape == (3, 112, 101, 122) and structures.dtype == np.uint8
+    assert case.structure_present == (False, True, True)
+    assert structures[0].max() == 0
+    assert structures[2].sum() == (ct > 300).sum()
+    # no possible_dose_mask file: the body (CT > -500 HU) stands in
+    assert np.array_equal(case.dense["possible_dose_mask"][0], (case.image[0] > -500).astype(np.uint8))
+    assert find_root(real_root, "nifti_cases") == real_root
+
+
+# --- synthetic ---------------------------------------------------------------------------------------
+
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    ct = np.full((6, 5, 4), -1000, dtype=np.int16)
+    ct[1:5, 1:4, 1:3] = 40
+    for case in ("a", "b", "c", "d", "e"):
+        write_case(tmp_path, case, ct, AFFINE, {"PTV": ct > 0})
+    return tmp_path
+
+
+def test_possible_dose_mask_file_is_used_when_present(tiny: Path) -> None:
+    mask = np.zeros((6, 5, 4), dtype=np.uint8)
+    mask[0, 0, 0] = 1
+    save(tiny / "cases" / "a" / "possible_dose_mask.nii.gz", mask, AFFINE)
+    case = nifti_cases.read_case(tiny, CaseRef("a", "train"))
+    assert case.dense["possible_dose_mask"].sum() == 1 and case.dense["possible_dose_mask"][0, 0, 0, 0] == 1
+
+
+def test_split_from_params_is_deterministic_and_file_overrides(tiny: Path) -> None:
+    refs = nifti_cases.list_cases(tiny)
+    assert [r.case_id for r in refs] == ["a", "b", "c", "d", "e"]
+    assert refs == nifti_cases.list_cases(tiny)
+    assert {r.split for r in refs} == {"train", "validation", "test"}
+    (tiny / "split.csv").write_text("case,split\na,train\nb,train\nc,validation\nd,test\ne,test\n")
+    assert [r.split for r in nifti_cases.list_cases(tiny)] == ["train", "train", "validation", "test", "test"]
+
+
+def test_unknown_split_value_is_refused(tiny: Path) -> None:
+    (tiny / "split.csv").write_text("case,split\na,train\nb,train\nc,val\nd,test\ne,test\n")
+    with pytest.raises(CtanError, match="'val'") as err:
+        nifti_cases.list_cases(tiny)
+    assert_names(err, "split.csv")
+
+
+def test_mask_shape_mismatch_is_refused(tiny: Path) -> None:
+    save(tiny / "cases" / "b" / "masks" / "PTV.nii.gz", np.zeros((6, 5, 5), np.uint8), AFFINE)
+    with pytest.raises(CtanError, match="shape") as err:
+        nifti_cases.read_case(tiny, CaseRef("b", "train"))
+    assert_names(err, "PTV.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["dose", "masks/PTV"])
+def test_affine_mismatch_is_refused(tiny: Path, name: str) -> None:
+    path = tiny / "cases" / "b" / f"{name}.nii.gz"
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 1.0
+    save(path, np.asarray(nib.load(path).dataobj), shifted)
+    with pytest.raises(CtanError, match="affine differs") as err:
+        nifti_cases.read_case(tiny, CaseRef("b", "train"))
+    assert_names(err, path.name)
+
+
+@pytest.mark.parametrize("value", [np.nan, -1.0])
+def test_nan_or_negative_dose_is_refused(tiny: Path, value: float) -> None:
+    dose = np.zeros((6, 5, 4), np.float32)
+    dose[2, 2, 2] = value
+    save(tiny / "cases" / "c" / "dose.nii.gz", dose, AFFINE)
+    with pytest.raises(CtanError) as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "dose.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["ct", "dose"])
+def test_missing_file_is_refused(tiny: Path, name: str) -> None:
+    (tiny / "cases" / "d" / f"{name}.nii.gz").unlink()
+    for call in (
+        lambda: nifti_cases.list_cases(tiny),
+        lambda: nifti_cases.read_case(tiny, CaseRef("d", "test")),
+    ):
+        with pytest.raises(CtanError, match="missing") as err:
+            call()
+        assert_names(err, f"{name}.nii.gz")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "header", "data"])
+def test_corrupt_nifti_is_refused(tiny: Path, damage: str) -> None:
+    path = tiny / "cases" / "e" / "ct.nii.gz"
+    raw = gzip.decompress(path.read_bytes())
+    broken = {
+        "garbage": b"no nifti here",
+        "header": gzip.compress(raw[:100]),
+        "data": gzip.compress(raw[:-40]),
+    }
+    path.write_bytes(broken[damage])
+    with pytest.raises(CtanError) as err:
+        nifti_cases.read_case(tiny, CaseRef("e", "test"))
+    assert_names(err, "ct.nii.gz")
+
+
+def test_no_cases_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cases").mkdir()
+    with pytest.raises(CtanError, match="no case folders") as err:
+        nifti_cases.list_cases(tmp_path)
+    assert_names(err, "cases")

@@ -1,0 +1,187 @@
+"""STOIC reader: real chest CTs keep HU and geometry in (z, y, x), labels checked, splits by patient."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from ctan.datasets import stoic
+from ctan.datasets.base import CaseRef
+from ctan.errors import CtanError
+
+
+def make_root(root: Path, reference: str, mha: dict[str, Path | sitk.Image | bytes]) -> Path:
+    """A STOIC folder: reference.csv text and {PatientID: source .mha, image or raw bytes}."""
+    (root / "metadata").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "mha").mkdir(parents=True, exist_ok=True)
+    (root / "metadata" / "reference.csv").write_text(reference)
+    for patient, source in mha.items():
+        target = root / "data" / "mha" / f"{patient}.mha"
+        if isinstance(source, Path):
+            shutil.copy(source, target)
+        elif isinstance(source, sitk.Image):
+            sitk.WriteImage(source, str(target))
+        else:
+            target.write_bytes(source)
+    return root
+
+
+def tiny_image(spacing: tuple[float, float, float] = (0.8, 0.7, 2.5)) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) - 1000)
+    image.SetSpacing(spacing)
+    return image
+
+
+REFERENCE = "PatientID,probCOVID,probSevere,age,sex\n7,1,0,055Y,F\n12,0,0,065Y,M\n30,1,1,075Y,M\n"
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return make_root(tmp_path / "stoic", REFERENCE, {p: tiny_image() for p in ("7", "12", "30")})
+
+
+def assert_names(err: pytest.ExceptionInfo[CtanError], filename: str) -> None:
+    assert err.value.path is not None and err.value.path.endswith(filename), str(err.value)
+
+
+# --- real data ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["Lung_Dx-A0001", "Lung_Dx-A0002_128"])
+def test_real_ct_keeps_hu_spacing_origin_direction(shared_data: Path, tmp_path: Path, name: str) -> None:
+    source = shared_data / "ct-samples" / f"{name}.mha"
+    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n1,1,0\n", {"1": source})
+    case = stoic.read_case(root, CaseRef("1", "train"))
+    itk = sitk.ReadImage(str(source))
+    array = sitk.GetArrayViewFromImage(itk)
+    assert case.image.shape == (1, *array.shape) and case.image.dtype == np.float32
+    assert case.image.shape[1:] == tuple(reversed(itk.GetSize()))
+    assert np.array_equal(case.image[0], array)  # HU untouched
+    assert case.image.min() == -1024 and case.image.max() == array.max()
+    assert case.spacing == tuple(reversed(itk.GetSpacing()))
+    assert case.origin == tuple(reversed(itk.GetOrigin()))
+    assert case.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert case.labels == {"covid": 1, "severity": 0}
+
+
+@pytest.mark.realdata
+def test_real_reference_split_is_stratified_by_patient(shared_data: Path, tmp_path: Path) -> None:
+    """The real 2,000-row label file (volumes are stand-in empty files: list_cases reads no pixels)."""
+    reference = (shared_data / "stoic" / "reference.csv").read_text()
+    table = pd.read_csv(shared_data / "stoic" / "reference.csv", dtype={"PatientID": str})
+    root = make_root(tmp_path, reference, {p: b"" for p in table["PatientID"]})
+    refs = stoic.list_cases(root)
+    assert len(refs) == 2000 and len({r.case_id for r in refs}) == 2000
+    assert stoic.list_cases(root) == refs
+    labels = table.set_index("PatientID")
+    for split, fraction in (("train", 0.65), ("validation", 0.15), ("test", 0.2)):
+        ids = [r.case_id for r in refs if r.split == split]
+        assert abs(len(ids) / 2000 - fraction) < 0.01
+        assert abs(labels.loc[ids, "probCOVID"].mean() - labels["probCOVID"].mean()) < 0.02
+        assert abs(labels.loc[ids, "probSevere"].mean() - labels["probSevere"].mean()) < 0.02
+
+
+# --- geometry ----------------------------------------------------------------------------------------
+
+
+def test_direction_and_spacing_are_permuted_to_zyx(tmp_path: Path) -> None:
+    """world(index) of ITK equals origin + D @ (spacing * index) in our (z, y, x) terms."""
+    image = tiny_image((0.8, 0.7, 2.5))
+    image.SetOrigin((-10.0, 20.0, 300.0))
+    # a rotation about z by 30 degrees with the z axis flipped: every entry matters
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, -1.0))
+    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n1,0,0\n", {"1": image})
+    case = stoic.read_case(root, CaseRef("1", "test"))
+    direction = np.asarray(case.direction).reshape(3, 3)
+    for index_xyz in [(0, 0, 0), (5, 0, 0), (0, 4, 0), (0, 0, 3), (5, 4, 3), (2, 1, 3)]:
+        expected_xyz = image.TransformIndexToPhysicalPoint(index_xyz)
+        index_zyx = np.asarray(index_xyz[::-1], dtype=float)
+        world_zyx = np.asarray(case.origin) + direction @ (np.asarray(case.spacing) * index_zyx)
+        assert np.allclose(world_zyx[::-1], expected_xyz)
+        assert case.image[(0, *index_xyz[::-1])] == image[index_xyz]
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_labels_and_split_on_a_tiny_set(tiny: Path) -> None:
+    refs = stoic.list_cases(tiny, {"validation": 0.0, "test": 0.0, "seed": 0})
+    assert refs == [CaseRef("7", "train"), CaseRef("12", "train"), CaseRef("30", "train")]
+    assert stoic.read_case(tiny, refs[2]).labels == {"covid": 1, "severity": 1}
+
+
+def test_corrupt_mha_header_is_refused(tiny: Path) -> None:
+    path = tiny / "data" / "mha" / "12.mha"
+    path.write_bytes(path.read_bytes().replace(b"NDims = 3", b"NDims = x"))
+    with pytest.raises(CtanError, match="unreadable image header") as err:
+        stoic.read_case(tiny, CaseRef("12", "train"))
+    assert_names(err, "12.mha")
+
+
+def test_truncated_mha_data_is_refused(tiny: Path) -> None:
+    path = tiny / "data" / "mha" / "12.mha"
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(CtanError, match="unreadable image data") as err:
+        stoic.read_case(tiny, CaseRef("12", "train"))
+    assert_names(err, "12.mha")
+
+
+def test_missing_mha_for_a_reference_row_is_refused(tiny: Path) -> None:
+    (tiny / "data" / "mha" / "30.mha").unlink()
+    with pytest.raises(CtanError, match="missing") as err:
+        stoic.list_cases(tiny)
+    assert_names(err, "30.mha")
+    with pytest.raises(CtanError, match="missing") as err:
+        stoic.read_case(tiny, CaseRef("30", "train"))
+    assert_names(err, "30.mha")
+
+
+@pytest.mark.parametrize("row", ["7,0.7,0", "7,1,2", "7,yes,0", "7,1,"])
+def test_non_binary_labels_are_refused(tmp_path: Path, row: str) -> None:
+    root = make_root(tmp_path, f"PatientID,probCOVID,probSevere\n{row}\n", {"7": tiny_image()})
+    with pytest.raises(CtanError, match="must be 0 or 1") as err:
+        stoic.list_cases(root)
+    assert_names(err, "reference.csv")
+
+
+@pytest.mark.parametrize("spacing", [b"0 0.7 2.5", b"0.8 -0.7 2.5"])
+def test_zero_or_negative_spacing_is_refused(tiny: Path, spacing: bytes) -> None:
+    path = tiny / "data" / "mha" / "7.mha"
+    data = path.read_bytes()
+    header_end = data.index(b"ElementDataFile")
+    header = data[:header_end]
+    line = next(x for x in header.split(b"\n") if x.startswith(b"ElementSpacing"))
+    path.write_bytes(header.replace(line, b"ElementSpacing = " + spacing) + data[header_end:])
+    with pytest.raises(CtanError, match="spacing must be positive") as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")
+
+
+def test_reference_without_required_columns_is_refused(tmp_path: Path) -> None:
+    root = make_root(tmp_path, "PatientID,probCOVID\n7,1\n", {"7": tiny_image()})
+    with pytest.raises(CtanError, match="probSevere") as err:
+        stoic.list_cases(root)
+    assert_names(err, "reference.csv")
+
+
+def test_duplicate_patient_is_refused(tmp_path: Path) -> None:
+    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n7,1,0\n7,0,0\n", {"7": tiny_image()})
+    with pytest.raises(CtanError, match="listed twice") as err:
+        stoic.list_cases(root)
+    assert_names(err, "reference.csv")
+
+
+def test_split_file_overrides_and_is_checked(tiny: Path) -> None:
+    (tiny / "split.csv").write_text("PatientID,split\n7,test\n12,train\n30,validation\n")
+    assert [r.split for r in stoic.list_cases(tiny)] == ["test", "train", "validation"]
+    (tiny / "split.csv").write_text("PatientID,split\n7,test\n12,train\n")
+    with pytest.raises(CtanError, match="no split") as err:
+        stoic.list_cases(tiny)
+    assert_names(err, "split.csv")
