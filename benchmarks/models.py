@@ -1,0 +1,310 @@
+"""Cost of each architecture: parameters, MACs, training-step time and peak memory.
+
+    python benchmarks/models.py --table              # params + MACs, demo and paper-scale configs
+    python benchmarks/models.py                      # fwd+bwd time and peak memory, demo configs
+    python benchmarks/models.py --profile ctan --datasets stoic_demo   # where the time goes
+
+Demo configurations come from params.yaml (shape, batch size, width, depth, attention heads). The
+paper-scale ones are our assumption (the paper gives no sizes): see PAPER_SCALE. MACs are counted by
+torch.utils.flop_counter.FlopCounterMode on a batch of one (FLOPs / 2; convolutions, matmuls and
+attention only, no element-wise ops). Step times are medians, measured round-robin over the
+architectures in one process so that load from other processes hits all alike. Peak memory is measured
+in a fresh subprocess per architecture: the peak RSS (VmHWM, reset once the model and batch exist)
+minus the RSS at that point, or torch.cuda.max_memory_allocated minus the allocated memory on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ctan.config import dataset_settings, load_params
+from ctan.models import ARCHITECTURES, build_model
+from ctan.tasks import Task
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Task heads per dataset format, sized like the demo data (structure counts come from the data at
+# training time; only kind and channel counts matter for cost).
+TASKS = {
+    "openkbp": [
+        Task("dose", "regression", "dose", channels=1),
+        Task("structures", "segmentation", "structures", channels=10, multilabel=True),
+    ],
+    "nifti_cases": [
+        Task("dose", "regression", "dose", channels=1),
+        Task("structures", "segmentation", "structures", channels=4, multilabel=True),
+    ],
+    "ham10000": [
+        Task("lesion", "segmentation", "lesion", channels=1),
+        Task("diagnosis", "classification", "diagnosis", classes=7),
+    ],
+    "stoic": [
+        Task("covid", "classification", "covid", classes=2),
+        Task("severity", "classification", "severity", classes=2),
+    ],
+}
+IN_CHANNELS = {"openkbp": 1, "nifti_cases": 1, "ham10000": 3, "stoic": 1}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    format: str
+    shape: tuple[int, ...]
+    batch_size: int
+    width: int
+    depth: int
+    heads: int
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.shape)
+
+    @property
+    def tasks(self) -> list[Task]:
+        return TASKS[self.format]
+
+
+# Our choice for "paper scale" (the paper's sizes are not known to us): the public datasets' native
+# grid (OpenKBP 128³; HAM10000 resized to 256x256; STOIC resampled to 128³), a U-Net of width 32 and
+# depth 4 (nnU-Net-like first stage), 4 attention heads; Prostate (in-house) assumed like OpenKBP.
+# Only counted (--table), never timed, so the batch size is 1.
+PAPER_SCALE = [
+    Config("openkbp_paper", "openkbp", (128, 128, 128), 1, 32, 4, 4),
+    Config("prostate_paper", "nifti_cases", (128, 128, 128), 1, 32, 4, 4),
+    Config("ham10000_paper", "ham10000", (256, 256), 1, 32, 4, 4),
+    Config("stoic_paper", "stoic", (128, 128, 128), 1, 32, 4, 4),
+]
+
+
+def demo_configs(params_file: Path) -> list[Config]:
+    params = load_params([params_file])
+    out = []
+    for name in params["run"]["datasets"]:
+        s = dataset_settings(params, name)
+        out.append(
+            Config(
+                name,
+                s.format,
+                tuple(s.preprocess["shape"]),
+                int(s.training["batch_size"]),
+                int(s.model["width"]),
+                int(s.model["depth"]),
+                int(s.model["attention_heads"]),
+            )
+        )
+    return out
+
+
+def make(cfg: Config, arch: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    with torch.device(device):
+        return build_model(
+            arch,
+            cfg.tasks,
+            in_channels=IN_CHANNELS[cfg.format],
+            spatial_dims=cfg.spatial_dims,
+            width=cfg.width,
+            depth=cfg.depth,
+            attention_heads=cfg.heads,
+        )
+
+
+def count(cfg: Config, arch: str) -> tuple[int, int]:
+    """(parameters, forward MACs for one input); on the meta device, so 128³ costs nothing."""
+    model = make(cfg, arch, "meta")
+    x = torch.empty(1, IN_CHANNELS[cfg.format], *cfg.shape, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
+
+
+def loss_of(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A stand-in loss touching every output; the cost of real losses is negligible next to the model."""
+    return sum(o.float().square().mean() for o in out.values())
+
+
+def training_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    loss_of(model(x)).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def setup(cfg: Config, arch: str, device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = make(cfg, arch, device).train()
+    return model, torch.randn(cfg.batch_size, IN_CHANNELS[cfg.format], *cfg.shape, device=device)
+
+
+def step_times(cfg: Config, archs: list[str], steps: int, device: str) -> dict[str, float]:
+    """Median fwd+bwd seconds per architecture, timed round-robin so that load from other processes
+    on a shared machine hits every architecture alike."""
+    setups = {a: setup(cfg, a, device) for a in archs}
+    for model, x in setups.values():
+        training_step(model, x)  # warm-up: allocator, oneDNN primitive cache
+    times: dict[str, list[float]] = {a: [] for a in archs}
+    for _ in range(steps):
+        for a, (model, x) in setups.items():
+            t0 = time.perf_counter()
+            training_step(model, x)
+            times[a].append(time.perf_counter() - t0)
+    return {a: statistics.median(t) for a, t in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_reset() -> int:
+    """Reset this process's peak RSS to its current RSS and return that, in KiB.
+
+    getrusage's ru_maxrss would do on a fresh interpreter, but Linux keeps it across fork + exec, so a
+    child of a large parent inherits the parent's peak; /proc/self/clear_refs (value 5) resets VmHWM.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def peak_memory(cfg: Config, arch: str, device: str) -> float:
+    """Peak MiB of a training step beyond what the model and batch hold (run in a fresh process)."""
+    model, x = setup(cfg, arch, device)
+    if x.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_reset()
+    for _ in range(2):  # the second step also holds the gradients of the first
+        training_step(model, x)
+    if x.is_cuda:
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def profile(cfg: Config, arch: str, device: str, rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, x = setup(cfg, arch, device)
+    training_step(model, x)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            training_step(model, x)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def run_worker(spec: str) -> None:
+    args = json.loads(spec)
+    torch.set_num_threads(args["threads"])
+    cfg = Config(**{**args["config"], "shape": tuple(args["config"]["shape"])})
+    print(json.dumps({"peak_mib": peak_memory(cfg, args["arch"], args["device"])}))
+
+
+def measure_memory(cfg: Config, arch: str, threads: int, device: str) -> float:
+    spec = {
+        "config": cfg.__dict__ | {"shape": list(cfg.shape)},
+        "arch": arch,
+        "threads": threads,
+        "device": device,
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def describe(cfg: Config) -> str:
+    tasks = " + ".join(f"{t.name}({t.out_channels})" for t in cfg.tasks)
+    shape = "x".join(map(str, cfg.shape))
+    return f"{cfg.name}: {shape}, {IN_CHANNELS[cfg.format]}ch, {tasks}, width {cfg.width}, depth {cfg.depth}"
+
+
+def table(configs: list[Config], archs: list[str]) -> str:
+    """Two markdown tables: parameters (millions) and forward MACs for one input (billions)."""
+    counts = {cfg.name: {a: count(cfg, a) for a in archs} for cfg in configs}
+    params = [[describe(c)] + [f"{counts[c.name][a][0] / 1e6:.3f}" for a in archs] for c in configs]
+    macs = [[describe(c)] + [f"{counts[c.name][a][1] / 1e9:.3f}" for a in archs] for c in configs]
+    ratio = [[c.name, f"{counts[c.name]['ctan'][1] / counts[c.name]['hps'][1]:.2f}"] for c in configs]
+    out = [
+        "Parameters (millions)\n",
+        markdown(["configuration", *archs], params),
+        "\nForward multiply-accumulates for one input (GMACs; FlopCounterMode FLOPs / 2)\n",
+        markdown(["configuration", *archs], macs),
+    ]
+    if "ctan" in archs and "hps" in archs:
+        out += ["\nCTAN / HPS forward MACs\n", markdown(["configuration", "ctan / hps"], ratio)]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", action="store_true", help="parameter and MAC table (no timing)")
+    ap.add_argument("--profile", metavar="ARCH", help="torch.profiler table of one training step")
+    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument("--datasets", nargs="*", help="demo datasets to time (default: run.datasets)")
+    ap.add_argument("--archs", nargs="*", default=list(ARCHITECTURES), choices=ARCHITECTURES)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per architecture, after a warm-up")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return run_worker(args.worker)
+
+    configs = demo_configs(args.params)
+    if args.datasets:
+        configs = [c for c in configs if c.name in args.datasets]
+    if args.table:
+        print(table(configs + PAPER_SCALE, args.archs))
+        return
+    if args.profile:
+        torch.set_num_threads(args.threads)
+        for cfg in configs:
+            print(f"## {args.profile} on {describe(cfg)}, batch {cfg.batch_size}\n")
+            print(profile(cfg, args.profile, args.device))
+        return
+
+    torch.set_num_threads(args.threads)
+    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, {args.steps} steps\n")
+    times, mems, ratios = [], [], []
+    for cfg in configs:
+        seconds = step_times(cfg, args.archs, args.steps, args.device)
+        peak = {a: measure_memory(cfg, a, args.threads, args.device) for a in args.archs}
+        label = f"{describe(cfg)}, batch {cfg.batch_size}"
+        times.append([label] + [f"{seconds[a] * 1000:.0f}" for a in args.archs])
+        mems.append([label] + [f"{peak[a]:.0f}" for a in args.archs])
+        if "ctan" in seconds and "hps" in seconds:
+            ratios.append([cfg.name, f"{seconds['ctan'] / seconds['hps']:.2f}"])
+        print(f"measured {cfg.name}", file=sys.stderr)
+    print("Training step (forward + backward), median ms\n")
+    print(markdown(["configuration", *args.archs], times))
+    print("\nPeak memory of a training step beyond model and batch (RSS or CUDA allocated), MiB\n")
+    print(markdown(["configuration", *args.archs], mems))
+    if ratios:
+        print("\nCTAN / HPS step time\n")
+        print(markdown(["dataset", "ctan / hps"], ratios))
+
+
+if __name__ == "__main__":
+    main()

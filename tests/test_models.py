@@ -1,0 +1,166 @@
+"""Every architecture × task mix × spatial_dims: shapes, gradients, task coupling, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctan import cli
+from ctan.errors import CtanError
+from ctan.models import ARCHITECTURES, build_model
+from ctan.tasks import Task
+
+WIDTH, DEPTH, HEADS = 4, 2, 2
+SIZE = {2: (32, 32), 3: (16, 16, 16)}
+
+DOSE = Task("dose", "regression", "dose", channels=1)
+STRUCTURES = Task("structures", "segmentation", "structures", channels=3, multilabel=True)
+LESION = Task("lesion", "segmentation", "lesion", channels=1)
+DIAGNOSIS = Task("diagnosis", "classification", "diagnosis", classes=7)
+COVID = Task("covid", "classification", "covid", classes=2)
+SEVERITY = Task("severity", "classification", "severity", classes=2)
+
+# name: (tasks, spatial_dims, in_channels)
+MIXES = {
+    "dense+dense-3d": ([DOSE, STRUCTURES], 3, 1),
+    "dense+dense-2d": ([DOSE, STRUCTURES], 2, 1),
+    "dense+image-2d": ([LESION, DIAGNOSIS], 2, 3),
+    "dense+image-3d": ([STRUCTURES, COVID], 3, 1),
+    "image+image-3d": ([COVID, SEVERITY], 3, 1),
+    "three-tasks-3d": ([DOSE, STRUCTURES, COVID], 3, 1),
+    "single-task-2d": ([LESION], 2, 3),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(arch: str, mix: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    tasks, dims, channels = MIXES[mix]
+    torch.manual_seed(seed)
+    model = build_model(arch, tasks, channels, dims, WIDTH, DEPTH, attention_heads=HEADS)
+    x = torch.randn(2, channels, *SIZE[dims], generator=torch.Generator().manual_seed(seed + 1))
+    return model, x
+
+
+def test_registry_matches_cli() -> None:
+    assert ARCHITECTURES == ("stl", "hps", "mtan", "ctan", "ctan_no_ctae", "ctan_no_ctab")
+    assert set(cli.ARCHITECTURES) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shapes_and_gradients_reach_every_parameter(arch: str, mix: str) -> None:
+    model, x = build(arch, mix)
+    out = model(x)
+    tasks, dims, _ = MIXES[mix]
+    assert list(out) == [t.name for t in tasks]
+    for task in tasks:
+        expected = (2, task.out_channels, *SIZE[dims]) if task.dense else (2, task.out_channels)
+        assert out[task.name].shape == expected, task.name
+        assert out[task.name].dtype == torch.float32
+    sum(o.square().mean() for o in out.values()).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+def perturbed_outputs(model: torch.nn.Module, x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """Outputs after adding noise to every parameter whose name starts with ``prefix``."""
+    params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+    assert params, f"no parameter starts with {prefix!r}"
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+        return model(x)
+
+
+# (arch, mix, parameters owned by task B, task B, task A, does A's output change?)
+COUPLING = [
+    ("ctan", "dense+dense-3d", "ctae.masks.structures.1.", "structures", "dose", True),
+    ("ctan", "dense+image-2d", "ctae.masks.diagnosis.1.", "diagnosis", "lesion", True),
+    ("ctan", "dense+image-2d", "ctae.masks.lesion.1.", "lesion", "diagnosis", True),
+    ("ctan", "three-tasks-3d", "ctae.masks.covid.1.", "covid", "dose", True),
+    # The bottleneck-stage mask reaches the other task only through CTAB.
+    ("ctan", "dense+dense-3d", f"ctae.masks.structures.{DEPTH}.", "structures", "dose", True),
+    ("ctan_no_ctab", "dense+dense-3d", f"ctae.masks.structures.{DEPTH}.", "structures", "dose", False),
+    ("ctan_no_ctab", "dense+dense-3d", "ctae.masks.structures.1.", "structures", "dose", True),
+    # Without CTAE every task's bottleneck is the shared one: CTAB only mixes identical features.
+    ("ctan_no_ctae", "dense+image-2d", "ctab.attention.diagnosis.", "diagnosis", "lesion", False),
+    ("hps", "dense+dense-3d", "decoders.structures.", "structures", "dose", False),
+    ("hps", "dense+image-2d", "heads.diagnosis.", "diagnosis", "lesion", False),
+    ("hps", "dense+image-2d", "decoders.lesion.", "lesion", "diagnosis", False),
+    ("mtan", "dense+dense-3d", "encoder_masks.structures.", "structures", "dose", False),
+    ("mtan", "dense+image-2d", "encoder_masks.lesion.", "lesion", "diagnosis", False),
+    ("stl", "dense+image-2d", "nets.diagnosis.", "diagnosis", "lesion", False),
+]
+
+
+@pytest.mark.parametrize(("arch", "mix", "owned_by_b", "task_b", "task_a", "coupled"), COUPLING)
+def test_task_coupling(arch: str, mix: str, owned_by_b: str, task_b: str, task_a: str, coupled: bool) -> None:
+    """CTAN's tasks read each other's attention branches; HPS/MTAN/STL task branches stay independent."""
+    model, x = build(arch, mix)
+    with torch.no_grad():
+        before = model(x)
+    after = perturbed_outputs(model, x, owned_by_b)
+    assert not torch.allclose(before[task_b], after[task_b]), "perturbing task B must change task B"
+    assert (not torch.equal(before[task_a], after[task_a])) == coupled
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_same_seed_same_weights_same_outputs(arch: str) -> None:
+    m1, x = build(arch, "three-tasks-3d", seed=3)
+    m2, _ = build(arch, "three-tasks-3d", seed=3)
+    m3, _ = build(arch, "three-tasks-3d", seed=4)
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    with torch.no_grad():
+        o1, o2 = m1(x), m2(x)
+    assert all(torch.equal(o1[k], o2[k]) for k in o1)
+
+
+def test_stl_is_one_hps_net_per_task() -> None:
+    tasks, dims, channels = MIXES["dense+image-3d"]
+    stl = build_model("stl", tasks, channels, dims, WIDTH, DEPTH)
+    for task in tasks:
+        hps = build_model("hps", [task], channels, dims, WIDTH, DEPTH)
+        single = {k: v.shape for k, v in stl.nets[task.name].state_dict().items()}
+        assert single == {k: v.shape for k, v in hps.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"arch": "unet"}, "unknown architecture 'unet'; known: stl, hps, mtan, ctan"),
+        ({"tasks": []}, "at least one task"),
+        ({"tasks": [DOSE, DOSE]}, "unique"),
+        ({"tasks": [Task("a.b", "regression", "dose")]}, "identifier"),
+        ({"spatial_dims": 4}, "spatial_dims must be 2 or 3"),
+        ({"width": 0}, "width must be a positive integer"),
+        ({"attention_heads": 3}, "attention_heads=3 must divide the 16 bottleneck channels"),
+    ],
+)
+def test_build_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    settings = dict(arch="ctan", tasks=[DOSE], in_channels=1, spatial_dims=3, width=WIDTH, depth=DEPTH)
+    settings |= {"attention_heads": HEADS} | kwargs
+    with pytest.raises(CtanError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        build_model(**settings)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 1, 16, 16, 18), r"spatial size \(16, 16, 18\) is not divisible by 2\*\*depth = 4"),
+        ((1, 2, 16, 16, 16), "2 channels; the model was built for 1"),
+        ((1, 1, 16, 16), "expected \\(batch, 1, 3 spatial sizes\\)"),
+    ],
+)
+def test_forward_rejects_bad_input(shape: tuple[int, ...], message: str) -> None:
+    model = build_model("hps", [DOSE], 1, 3, WIDTH, DEPTH)
+    with pytest.raises(CtanError, match=message):
+        model(torch.zeros(shape))
