@@ -104,6 +104,14 @@ def _cmd_init_tracking(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot_summary(args: argparse.Namespace) -> int:
+    from ctan.plots import plot_delta_mtl, write_metric_table
+
+    print(plot_delta_mtl(Path(args.summary), Path(args.figure)))
+    print(write_metric_table(Path(args.summary), Path(args.table)))
+    return 0
+
+
 def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--params",
@@ -124,7 +132,7 @@ def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (Snakemake passes the rule's threads, so results do not depend on the host)",
+        help="CPU threads for torch; Snakemake passes the rule's threads so results don't depend on the host",
     )
 
 
@@ -233,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
         "store crash); MLFLOW_TRACKING_URI overrides params.yaml.",
     )
     _add_params(p)
+
+    p = add(
+        "plot-summary",
+        _cmd_plot_summary,
+        "draw the report's Δ_MTL bar chart and per-task metric table from results/summary.csv",
+        "Read SUMMARY (written by `ctan summarize`) and write a bar chart of Δ_MTL per dataset and "
+        "architecture (mean ± std over seeds) and an HTML table of every task's metrics per architecture.",
+    )
+    p.add_argument("summary", help="results/summary.csv")
+    p.add_argument("--figure", default="results/delta_mtl.png", help="Δ_MTL bar chart (PNG) to write")
+    p.add_argument("--table", default="results/metrics_table.html", help="metric table (HTML) to write")
     return parser
 
 

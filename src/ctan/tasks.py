@@ -27,6 +27,9 @@ class Task:
         ``diagnosis``, ``covid``, ``severity``).
     primary_metric / higher_is_better:
         the metric used to select the best epoch and for Δ_MTL's sign.
+    output_scale:
+        dense regression heads predict in units of this (10 Gy for dose), so that a network whose
+        activations are of order 1 reaches clinical doses (up to ~80 Gy) in a few hundred steps.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Task:
     primary_metric: str = ""
     higher_is_better: bool = True
     metrics: tuple[str, ...] = field(default_factory=tuple)
+    output_scale: float = 1.0
 
     @property
     def dense(self) -> bool:

@@ -185,10 +185,12 @@ def _openkbp_patient(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         mask = (rho_t[name] <= 1) & body & ~covered
         structures[name] = mask
         covered |= mask
-    hu[structures["PTV56"]] += 12.0
+    # The tumour shows as an enhancing mass, the elective volumes as milder enhancement: learnable from
+    # CT on a coarse demo grid, which is what lets dose and segmentation help each other.
+    hu[structures["PTV56"]] += 40.0
     if "PTV63" in structures:
-        hu[structures["PTV63"]] += 25.0
-    hu[structures["PTV70"]] += 45.0  # the gross tumour shows as a denser soft-tissue mass
+        hu[structures["PTV63"]] += 80.0
+    hu[structures["PTV70"]] += 140.0
 
     # Organs at risk.
     y_cord, r_cord = 0.35 * ry + 24.0, 12.0
@@ -292,7 +294,7 @@ def _pelvis(rng: np.random.Generator, g: _Grid) -> tuple[np.ndarray, np.ndarray,
     ptv = (_rho(g, c_prostate, r_ptv) <= 1) & body
 
     hu[bladder] = 8.0
-    hu[prostate] = 62.0
+    hu[prostate] = 110.0  # contrast-enhanced gland, visible on the demo's coarse grid
     hu[rectum] = 32.0
     if rng.random() < 0.6:
         hu[_tube(g, 0.0, y_rectum, 6.0, *z_rectum) & body] = -700.0  # rectal gas
@@ -561,11 +563,13 @@ def _chest(rng: np.random.Generator, g: _Grid, outcome: int) -> np.ndarray:
             centre = (float(g.X.flat[p[2]]), float(g.Y.flat[p[1]]), float(g.Z.flat[p[0]]))
             hu[(_rho(g, centre, tuple(rng.uniform(*radius, 3))) <= 1) & lungs] = value
 
+    # Extents are exaggerated relative to real scans so that a small network on a 24x32x32 grid can
+    # learn them from a few dozen patients: the demo must show learning within seconds.
     if outcome == COVID:
-        blobs(int(rng.integers(3, 6)), (14, 26), -300.0)
+        blobs(int(rng.integers(6, 10)), (20, 32), -350.0)
     elif outcome == SEVERE:
-        blobs(int(rng.integers(6, 10)), (22, 36), -300.0)
-        blobs(int(rng.integers(1, 3)), (12, 20), -50.0)  # consolidation
+        blobs(int(rng.integers(12, 16)), (28, 40), -350.0)
+        blobs(int(rng.integers(3, 5)), (16, 24), -20.0)  # consolidation
     elif rng.random() < 0.3:
         blobs(1, (6, 9), 30.0)  # an incidental solid nodule: not COVID-19
     noise = rng.normal(0, 15, g.shape)

@@ -55,6 +55,7 @@ TASKS: dict[str, Task] = {
         primary_metric="dose_score",
         higher_is_better=False,
         metrics=("dose_score", "dvh_score"),
+        output_scale=10.0,  # Gy
     ),
     # channels and class_names are set from structure_names(root) once the data is known.
     "structures": Task(

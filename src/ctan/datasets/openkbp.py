@@ -79,6 +79,7 @@ TASKS: dict[str, Task] = {
         primary_metric="dose_score",
         higher_is_better=False,
         metrics=("dose_score", "dvh_score"),
+        output_scale=10.0,  # Gy
     ),
     "structures": Task(
         name="structures",

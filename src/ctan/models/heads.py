@@ -1,7 +1,8 @@
 """Task heads, identical in every architecture so that comparisons isolate how features are shared.
 
 Dense tasks (segmentation, dose) get a 1x1 convolution on full-resolution decoder features; image-level
-tasks (diagnosis, COVID, severity) get global average pooling of bottleneck features and a small MLP.
+tasks (diagnosis, COVID, severity) get global average and max pooling of bottleneck features and a
+small MLP.
 Outputs are raw: logits, or Gy for dose.
 """
 
@@ -15,29 +16,39 @@ from ctan.tasks import Task
 
 
 class DenseHead(nn.Module):
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    """1x1 convolution; regression outputs are scaled to the task's units (``Task.output_scale``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, scale: float = 1.0) -> None:
         super().__init__()
         self.conv = conv_type(spatial_dims)(in_channels, out_channels, kernel_size=1)
+        self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        out = self.conv(x)
+        return out * self.scale if self.scale != 1.0 else out
 
 
 class PooledHead(nn.Module):
-    """Global average pool, then Linear-LeakyReLU-Linear to the task's logits."""
+    """Global average and global max pooling, then Linear-LeakyReLU-Linear to the task's logits.
+
+    Features arrive GroupNorm-normalised per sample, which makes their spatial mean nearly the same
+    for every image: average pooling alone discards the global cue (how much lung is ground glass).
+    The max keeps "is there such a region, how strongly", so both are pooled.
+    """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(in_channels, in_channels), nn.LeakyReLU(0.01), nn.Linear(in_channels, out_channels)
+            nn.Linear(2 * in_channels, in_channels), nn.LeakyReLU(0.01), nn.Linear(in_channels, out_channels)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x.flatten(2).mean(dim=2))
+        flat = x.flatten(2)
+        return self.mlp(torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1))
 
 
 def make_head(task: Task, spatial_dims: int, dense_channels: int, pooled_channels: int) -> nn.Module:
     """The head a task needs: dense on ``dense_channels`` features, pooled on ``pooled_channels``."""
     if task.dense:
-        return DenseHead(spatial_dims, dense_channels, task.out_channels)
+        return DenseHead(spatial_dims, dense_channels, task.out_channels, task.output_scale)
     return PooledHead(pooled_channels, task.out_channels)

@@ -1,0 +1,144 @@
+# Shared by every rule: the validated config, the parameter files the `ctan` CLI must read, paths,
+# wildcard constraints, input functions, and the MLflow store created once before any job starts.
+# Rules only ever call the `ctan` CLI; everything here decides *which* jobs run, never what they compute.
+# Each job's log starts with `SLURM_JOB_ID=<id|none> host=<name>`: which cluster job made a result.
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from ctan.cli import ARCHITECTURES
+from ctan.config import dataset_settings
+from ctan.config import validate as validate_params
+
+
+report: "../report/workflow.rst"
+
+
+# JSON Schema first (names the offending key), then ctan's cross-checks (run.datasets exist).
+validate(config, "../schemas/params.schema.yaml")
+validate_params(config, source="snakemake config")
+
+if workflow.config_settings.config:
+    raise WorkflowError(
+        "--config values cannot reach the ctan CLI, which reads parameter files: put the overrides in a "
+        "YAML file and pass it with --configfile (docs/pipeline.md)."
+    )
+
+
+def parameter_files() -> list[str]:
+    """The files Snakemake merged into `config`, in merge order (the Snakefile's `configfile:`, then each
+    --configfile), relative to the working directory where possible so commands read the same in any clone."""
+    given = [Path(p).resolve() for p in workflow.config_settings.configfiles]
+    declared = [Path(p).resolve() for p in workflow.configfiles]
+    ordered = [p for p in declared if p not in given] + given
+    cwd = Path.cwd().resolve()
+    return [str(p.relative_to(cwd)) if p.is_relative_to(cwd) else str(p) for p in ordered]
+
+
+class ParamArgs:
+    """`--params FILE ...` for every `ctan` call, so jobs see exactly the config Snakemake sees.
+
+    Deliberately not a builtin type: Snakemake leaves such values out of its params rerun trigger.
+    Which files hold the parameters is not itself a parameter; each rule's `params.settings` holds
+    the values that job depends on, so switching or editing a file reruns only the affected jobs.
+    """
+
+    def __init__(self, files: list[str]):
+        self.files = tuple(files)
+
+    def __str__(self) -> str:
+        return " ".join(f"--params {shlex.quote(f)}" for f in self.files)
+
+
+PARAMS = ParamArgs(parameter_files())
+PATHS = {"raw": "data/raw", "preprocessed": "data/preprocessed", "models": "models", "results": "results"}
+PATHS.update(config["paths"])
+RAW, PREPROCESSED, MODELS, RESULTS = (PATHS[k] for k in ("raw", "preprocessed", "models", "results"))
+RUN = config["run"]
+LOGS = "logs"
+
+wildcard_constraints:
+    dataset="|".join(re.escape(name) for name in config["datasets"]),
+    arch="|".join(ARCHITECTURES),
+    seed=r"\d+",
+    task="|".join(sorted({t for d in config["datasets"].values() for t in d["tasks"]})),
+
+
+# Multi-task architectures train one model per job; STL trains one model per task.
+MTL_ARCH = "|".join(a for a in ARCHITECTURES if a != "stl")
+
+# Source code whose change changes a stage's results (the same deps as in dvc.yaml): editing it
+# reruns that stage, as `dvc repro` would. Plumbing shared by every command (cli, config, errors,
+# tracking) is left out on purpose. Only .py files, so bytecode caches never trigger a rerun.
+STAGE_CODE = {
+    "download": ["fetch.py", "datasets"],
+    "preprocess": ["preprocess", "store.py", "manifest.py", "datasets"],
+    "train": ["training", "models", "loader.py", "preprocess/intensity.py", "tasks.py"],
+    "evaluate": ["evaluation.py", "metrics"],
+    "summary": ["summary.py", "metrics", "provenance.py", "plots.py"],
+}
+PACKAGE = Path(workflow.basedir) / "src" / "ctan"
+
+
+def stage_code(stage: str) -> list[str]:
+    files = []
+    for entry in STAGE_CODE[stage]:
+        path = PACKAGE / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+    return [os.path.relpath(f) for f in files]
+
+
+def settings(dataset: str):
+    return dataset_settings(config, dataset)
+
+
+def download_settings(wildcards) -> dict:
+    return settings(wildcards.dataset).raw_section
+
+
+def preprocess_settings(wildcards) -> dict:
+    s = settings(wildcards.dataset)
+    return {**s.data_section, "tasks": list(s.tasks)}
+
+
+def train_settings(wildcards) -> dict:
+    """What one training job depends on: its task(s) and the dataset's merged training/model settings."""
+    s = settings(wildcards.dataset)
+    tasks = [wildcards.task] if "task" in wildcards.keys() else list(s.tasks)
+    return {"tasks": tasks, "training": s.training, "model": s.model}
+
+
+def evaluate_settings(wildcards) -> dict:
+    return {"tasks": list(settings(wildcards.dataset).tasks)}
+
+
+def trained_models(wildcards) -> list[str]:
+    """MTL: the one model; STL: one model per task of the dataset."""
+    if wildcards.arch == "stl":
+        return expand(
+            f"{MODELS}/{{dataset}}/stl/seed{{seed}}/{{task}}/model.pt",
+            dataset=wildcards.dataset,
+            seed=wildcards.seed,
+            task=settings(wildcards.dataset).tasks,
+        )
+    return [f"{MODELS}/{wildcards.dataset}/{wildcards.arch}/seed{wildcards.seed}/model.pt"]
+
+
+def all_metrics() -> list[str]:
+    return expand(
+        f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/metrics.json",
+        dataset=RUN["datasets"],
+        arch=RUN["architectures"],
+        seed=RUN["seeds"],
+    )
+
+
+onstart:
+    # Parallel jobs racing to create a new SQLite MLflow store crash (shared/notes/pitfalls.md).
+    Path(LOGS).mkdir(exist_ok=True)
+    shell(f"ctan init-tracking {PARAMS} > {LOGS}/init-tracking.log 2>&1")

@@ -1,0 +1,34 @@
+# Score the trained model(s) of one dataset/architecture/seed on the test split (`ctan evaluate`).
+
+
+rule evaluate:
+    input:
+        models=trained_models,
+        store=f"{PREPROCESSED}/{{dataset}}",
+        code=stage_code("evaluate"),
+    output:
+        metrics=f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/metrics.json",
+        examples=report(
+            f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/examples.png",
+            caption="../report/examples.rst",
+            category="Example predictions",
+            subcategory="{dataset}",
+            labels={"architecture": "{arch}", "seed": "{seed}"},
+        ),
+    params:
+        ctan=PARAMS,
+        settings=evaluate_settings,
+    log:
+        f"{LOGS}/evaluate/{{dataset}}/{{arch}}/seed{{seed}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/evaluate/{{dataset}}/{{arch}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/ctan.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
+        " && ctan evaluate {params.ctan} --dataset {wildcards.dataset} --arch {wildcards.arch}"
+        " --seed {wildcards.seed} --threads {threads}) > {log} 2>&1"

@@ -1,0 +1,73 @@
+# Train one architecture on one dataset with one seed (`ctan train`); resumes from its checkpoint.
+# GPU jobs: `resources: gpu=1` reaches SLURM (workflow/profiles/slurm); locally it only caps
+# concurrency when you pass e.g. `--resources gpu=1`.
+
+
+rule train_mtl:
+    input:
+        store=f"{PREPROCESSED}/{{dataset}}",
+        code=stage_code("train"),
+    output:
+        model=f"{MODELS}/{{dataset}}/{{arch}}/seed{{seed}}/model.pt",
+        history=f"{MODELS}/{{dataset}}/{{arch}}/seed{{seed}}/history.json",
+        curves=report(
+            f"{MODELS}/{{dataset}}/{{arch}}/seed{{seed}}/curves.png",
+            caption="../report/curves.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={"architecture": "{arch}", "task": "all", "seed": "{seed}"},
+        ),
+    wildcard_constraints:
+        arch=MTL_ARCH,
+    params:
+        ctan=PARAMS,
+        settings=train_settings,
+    log:
+        f"{LOGS}/train/{{dataset}}/{{arch}}/seed{{seed}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/train/{{dataset}}/{{arch}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/ctan.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
+        " && ctan train {params.ctan} --dataset {wildcards.dataset} --arch {wildcards.arch}"
+        " --seed {wildcards.seed} --threads {threads}) > {log} 2>&1"
+
+
+rule train_stl:
+    input:
+        store=f"{PREPROCESSED}/{{dataset}}",
+        code=stage_code("train"),
+    output:
+        model=f"{MODELS}/{{dataset}}/stl/seed{{seed}}/{{task}}/model.pt",
+        history=f"{MODELS}/{{dataset}}/stl/seed{{seed}}/{{task}}/history.json",
+        curves=report(
+            f"{MODELS}/{{dataset}}/stl/seed{{seed}}/{{task}}/curves.png",
+            caption="../report/curves.rst",
+            category="Learning curves",
+            subcategory="{dataset}",
+            labels={"architecture": "stl", "task": "{task}", "seed": "{seed}"},
+        ),
+    params:
+        ctan=PARAMS,
+        settings=train_settings,
+    log:
+        f"{LOGS}/train/{{dataset}}/stl/seed{{seed}}/{{task}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/train/{{dataset}}/stl/seed{{seed}}/{{task}}.tsv"
+    conda:
+        "../envs/ctan.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
+        " && ctan train {params.ctan} --dataset {wildcards.dataset} --arch stl"
+        " --seed {wildcards.seed} --task {wildcards.task} --threads {threads}) > {log} 2>&1"
