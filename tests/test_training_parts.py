@@ -73,7 +73,9 @@ def test_soft_dice_perfect_and_disjoint():
 def test_classification_losses():
     logits = torch.tensor([[0.0, 0.0, 0.0]])
     assert float(task_loss(DX, logits, {"diagnosis": torch.tensor([2])})) == pytest.approx(math.log(3))
-    assert float(task_loss(COVID, torch.zeros(2, 1), {"covid": torch.tensor([0, 1])})) == pytest.approx(math.log(2))
+    assert float(task_loss(COVID, torch.zeros(2, 1), {"covid": torch.tensor([0, 1])})) == pytest.approx(
+        math.log(2)
+    )
 
 
 def test_checkpoint_roundtrip_is_weights_only(tmp_path):
