@@ -322,3 +322,16 @@ def test_report_shows_summary_curves_and_examples(fake_run: Path) -> None:
     for category in ("Summary", "Learning curves", "Example predictions"):
         assert f'"{category}"' in html
     assert "Learning curves of stl on openkbp_demo (single-task model for dose)" in html
+
+
+def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path) -> None:
+    """config/real-sample.yaml: the real samples, six architectures, three seeds (issue 6's run)."""
+    # --configfile takes several files: the target goes before it, as in the README.
+    out = snakemake(copy, "-n", "results/summary.csv", "--configfile", "config/real-sample.yaml")
+    jobs = planned_jobs(out.stdout + out.stderr)
+    real = yaml.safe_load((REPO / "config" / "real-sample.yaml").read_text())
+    n_seeds, n_datasets = len(real["run"]["seeds"]), len(real["run"]["datasets"])
+    assert jobs["download"] == jobs["preprocess"] == n_datasets
+    assert jobs["train_stl"] == 2 * n_datasets * n_seeds  # two tasks per dataset, one job each
+    assert jobs["train_mtl"] == 5 * n_datasets * n_seeds
+    assert jobs["evaluate"] == 6 * n_datasets * n_seeds

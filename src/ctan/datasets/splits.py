@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from ctan.datasets.base import SPLITS
 from ctan.errors import CtanError
@@ -36,6 +35,9 @@ def _take(
     groups: list[Hashable], strata: list[Hashable] | None, n: int, seed: int
 ) -> tuple[list[Hashable], list[Hashable]]:
     """Split ``n`` groups off ``groups``: stratified where sklearn can, plain random otherwise."""
+    # Imported here: sklearn costs seconds at start-up, and training jobs only read stored splits.
+    from sklearn.model_selection import train_test_split
+
     if n == 0:
         return groups, []
     if strata is not None:

@@ -1,0 +1,145 @@
+"""`ctan train`: determinism, exact resume after a kill, STL as one job per task, weights-only loading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ctan.config import dataset_settings, load_params
+from ctan.training import checkpoint
+from ctan.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write_params(root: Path, epochs: int) -> Path:
+    """A tiny HAM10000 demo (2D, fast) with everything under `root`."""
+    override = {
+        "run": {"datasets": ["ham10000_demo"], "architectures": ["stl", "ctan"], "seeds": [0]},
+        "paths": {k: str(root / k) for k in ("raw", "preprocessed", "models", "results")},
+        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
+        "training": {"epochs": epochs, "batch_size": 4},
+        "datasets": {"ham10000_demo": {"demo": {"train": 8, "validation": 4, "test": 4, "seed": 3}}},
+    }
+    path = root / f"override-{epochs}.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    from ctan.fetch import download_dataset
+    from ctan.preprocess.pipeline import preprocess_dataset
+    from ctan.tracking import init_tracking
+
+    root = tmp_path_factory.mktemp("train")
+    params = load_params([REPO / "params.yaml", _write_params(root, 3)])
+    settings = dataset_settings(params, "ham10000_demo")
+    download_dataset(settings)
+    preprocess_dataset(settings)
+    init_tracking(params)
+    return root
+
+
+def _params(root: Path, epochs: int) -> dict:
+    return load_params([REPO / "params.yaml", _write_params(root, epochs)])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(path)["state_dict"]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_gives_the_same_weights(prepared, tmp_path):
+    torch.set_num_threads(1)
+    params = _params(prepared, 3)
+    first = train(params, "ham10000_demo", "ctan", 0)[0]
+    a = _weights(first / "model.pt")
+    (first / "checkpoint.pt").unlink()  # force a fresh run, not a resume
+    train(params, "ham10000_demo", "ctan", 0)
+    assert _same(a, _weights(first / "model.pt"))
+    other = dict(params, run=dict(params["run"]))
+    train(other, "ham10000_demo", "ctan", 1)
+    assert not _same(a, _weights(first.parent / "seed1" / "model.pt"))
+
+
+def test_stl_trains_one_model_per_task(prepared):
+    params = _params(prepared, 1)
+    outs = train(params, "ham10000_demo", "stl", 0)
+    assert [p.name for p in outs] == ["lesion", "diagnosis"]
+    for out in outs:
+        state = checkpoint.load(out / "model.pt")  # weights_only=True inside
+        assert [t["name"] for t in state["tasks"]] == [out.name]
+        assert (out / "history.json").is_file() and (out / "run.json").is_file()
+
+
+def test_a_killed_job_resumes_to_the_same_weights(prepared, tmp_path):
+    """Kill `ctan train` after its second epoch's checkpoint, start it again, compare with a clean run."""
+    epochs = 5
+    override = _write_params(prepared, epochs)
+    cmd = [
+        str(Path(sys.executable).parent / "ctan"),
+        "train",
+        "--params",
+        str(REPO / "params.yaml"),
+        "--params",
+        str(override),
+        "--dataset",
+        "ham10000_demo",
+        "--arch",
+        "hps",
+        "--seed",
+        "0",
+        "--threads",
+        "1",
+    ]
+    env = dict(os.environ, MPLBACKEND="Agg")
+    out = Path(prepared) / "models" / "ham10000_demo" / "hps" / "seed0"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpt = out / "checkpoint.pt"
+        if ckpt.is_file():
+            try:
+                if checkpoint.load(ckpt)["epoch"] >= 2:
+                    break
+            except Exception:  # being replaced right now
+                pass
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed; make it longer")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.load(out / "checkpoint.pt")["epoch"]
+    assert 2 <= killed_at < epochs and not (out / "model.pt").exists()
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {out} after epoch {killed_at}" in resumed.stdout
+    resumed_weights = _weights(out / "model.pt")
+
+    (out / "checkpoint.pt").unlink()
+    clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    assert _same(resumed_weights, _weights(out / "model.pt"))
+
+
+def test_task_flag_is_only_for_stl(prepared, capsys):
+    from ctan.cli import main
+
+    code = main(
+        ["train", "--params", str(REPO / "params.yaml"), "--params", str(_write_params(prepared, 1))]
+        + ["--dataset", "ham10000_demo", "--arch", "hps", "--seed", "0", "--task", "lesion"]
+    )
+    assert code == 2 and "--task is for --arch stl only" in capsys.readouterr().err
