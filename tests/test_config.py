@@ -20,9 +20,10 @@ def test_default_params_validate_and_merge_overrides():
 def test_override_file_merges_deeply(tmp_path):
     override = tmp_path / "o.yaml"
     override.write_text(yaml.safe_dump({"training": {"epochs": 3}}))
+    base = load_params([REPO / "params.yaml"])
     params = load_params([REPO / "params.yaml", override])
     assert params["training"]["epochs"] == 3
-    assert params["training"]["batch_size"] == 4
+    assert params["training"]["batch_size"] == base["training"]["batch_size"]  # kept, not replaced
 
 
 def test_invalid_parameter_names_the_key(tmp_path):

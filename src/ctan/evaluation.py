@@ -271,14 +271,17 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
 
     if settings.format == "openkbp":
         from ctan.datasets import find_root
+        from ctan.datasets.openkbp import to_challenge_grid
 
         csv_dir = pred_dir / "dose_csv"
         csv_dir.mkdir()
+        reference = find_root(settings.raw_dir, settings.format) / "provided-data" / "test-pats"
         for case_id in per_case:
             pred = np.load(pred_dir / f"{case_id}.npz")[task.name]
-            source = to_source_grid(pred, store.case_attrs(case_id), order=1)[0]
-            dose_metrics.write_dose_csv(csv_dir / f"{case_id}.csv", source)
-        reference = find_root(settings.raw_dir, settings.format) / "provided-data" / "test-pats"
+            source = to_challenge_grid(to_source_grid(pred, store.case_attrs(case_id), order=1)[0])
+            # As the challenge's own baseline does: predictions are masked by the possible-dose mask.
+            mask = dose_metrics.read_sparse_csv(reference / case_id / "possible_dose_mask.csv", mask=True)
+            dose_metrics.write_dose_csv(csv_dir / f"{case_id}.csv", source * mask, axes="challenge")
         scored = dose_metrics.score_directories(reference, csv_dir)
         for case_id, row in scored["patients"].items():
             per_case.setdefault(case_id, {}).update({k: float(v) for k, v in row.items()})
@@ -297,8 +300,10 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
             if "structures" in data
             else {}
         )
-        ref_m = dose_metrics.dvh_metrics(data["dose"][0], rois, spacing)
-        pred_m = dose_metrics.dvh_metrics(pred, rois, spacing)
+        targets = [n for n in names if n.upper().startswith(TARGET_PREFIXES)]
+        oars = [n for n in names if n not in targets]
+        ref_m = dose_metrics.dvh_metrics(data["dose"][0], rois, spacing, oars=oars, targets=targets)
+        pred_m = dose_metrics.dvh_metrics(pred, rois, spacing, oars=oars, targets=targets)
         score = dose_metrics.dvh_score([ref_m], [pred_m])
         per_case[case_id]["dvh_score"] = float(score)
         dvh_rows.append((ref_m, pred_m))
