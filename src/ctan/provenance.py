@@ -28,11 +28,12 @@ def code_version(repo: Path | None = None) -> tuple[str, bool]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    return _file_digest(path, "sha256")
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def tree_sha256(path: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",)) -> str:
@@ -65,11 +66,7 @@ def dvc_md5(path: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",)) -> 
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _file_digest(path, "md5")
 
 
 def audit(summary: Path) -> int:

@@ -55,3 +55,16 @@ class Task:
         if self.kind == "classification":
             return 1 if self.classes == 2 else self.classes
         return self.channels
+
+
+# Dose prediction is the same task wherever it appears (OpenKBP, bring-your-own cases).
+DOSE = Task(
+    name="dose",
+    kind="regression",
+    target="dose",
+    channels=1,
+    primary_metric="dose_score",
+    higher_is_better=False,
+    metrics=("dose_score", "dvh_score"),
+    output_scale=10.0,  # Gy
+)

@@ -32,7 +32,7 @@ import numpy as np
 from ctan.datasets.base import Case, CaseRef
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import DOSE, Task
 
 FORMAT = "nifti_cases"
 SPATIAL_DIMS = 3
@@ -47,16 +47,7 @@ AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 TASKS: dict[str, Task] = {
-    "dose": Task(
-        name="dose",
-        kind="regression",
-        target="dose",
-        channels=1,
-        primary_metric="dose_score",
-        higher_is_better=False,
-        metrics=("dose_score", "dvh_score"),
-        output_scale=10.0,  # Gy
-    ),
+    "dose": DOSE,
     # channels and class_names are set from structure_names(root) once the data is known.
     "structures": Task(
         name="structures",

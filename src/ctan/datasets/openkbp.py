@@ -40,7 +40,7 @@ import pandas as pd
 
 from ctan.datasets.base import Case, CaseRef
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import DOSE, Task
 
 FORMAT = "openkbp"
 SPATIAL_DIMS = 3
@@ -71,16 +71,7 @@ SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 TASKS: dict[str, Task] = {
-    "dose": Task(
-        name="dose",
-        kind="regression",
-        target="dose",
-        channels=1,
-        primary_metric="dose_score",
-        higher_is_better=False,
-        metrics=("dose_score", "dvh_score"),
-        output_scale=10.0,  # Gy
-    ),
+    "dose": DOSE,
     "structures": Task(
         name="structures",
         kind="segmentation",
