@@ -78,3 +78,12 @@ def test_registry():
     assert metrics.metrics_for(lesion) == {"dice": True, "jaccard_thresholded": True}
     other = Task(name="x", kind="classification", target="new_label", classes=2)
     assert metrics.metrics_for(other) == {"auc": True}
+
+
+def test_equal_values_are_no_change_even_against_a_zero_baseline():
+    from ctan.metrics.mtl import delta_mtl, relative_change
+
+    assert relative_change(0.0, 0.0, True) == 0.0
+    assert relative_change(0.5, 0.0, True) != relative_change(0.5, 0.0, True)  # NaN: undefined
+    results = {"seg": {"dice": 0.0}, "dose": {"dose_score": 3.0}}
+    assert delta_mtl(results, results, {"dice": True, "dose_score": False}) == 0.0

@@ -42,6 +42,8 @@ def _direction(directions: Directions | None, task: str, metric: str) -> bool:
 def relative_change(value: float, stl: float, higher_is_better: bool) -> float:
     """Signed relative change (%) of one metric over STL: positive = better than STL."""
     value, stl = float(value), float(stl)
+    if value == stl:  # no change, also against a zero baseline (STL compared with itself)
+        return 0.0
     if math.isnan(value) or math.isnan(stl) or stl == 0:
         return float("nan")
     sign = 1.0 if higher_is_better else -1.0
