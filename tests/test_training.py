@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -82,6 +84,9 @@ def test_stl_trains_one_model_per_task(prepared):
         state = checkpoint.load(out / "model.pt")  # weights_only=True inside
         assert [t["name"] for t in state["tasks"]] == [out.name]
         assert (out / "history.json").is_file() and (out / "run.json").is_file()
+        (epoch,) = json.loads((out / "history.json").read_text())["epochs"]
+        assert epoch["step_seconds"] > 0 and 0 <= epoch["data_wait_fraction"] < 1
+        assert epoch["peak_memory_mib"] > 50  # a Python process with torch loaded is well above this
 
 
 def test_a_killed_job_resumes_to_the_same_weights(prepared, tmp_path):

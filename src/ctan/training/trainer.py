@@ -65,6 +65,15 @@ def monitor_metrics(task: Task, prediction: torch.Tensor, batch: dict[str, torch
     return {"accuracy": float(correct.mean())}
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, else the process's peak resident set (Linux KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -109,6 +118,7 @@ def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str
         "loss": losses_mean,
         "metrics": {t: {k: v / n_batches for k, v in m.items()} for t, m in metric_sums.items()},
         "seconds": elapsed,
+        "steps": n_batches,
         "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
     }
 
@@ -260,7 +270,9 @@ def train(
                 "weights": weighting.weights(),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": tr["seconds"] + va["seconds"],
+                "step_seconds": tr["seconds"] / tr["steps"],
                 "data_wait_fraction": tr["data_wait_fraction"],
+                "peak_memory_mib": peak_memory_mib(dev),
             }
             history.append(record)
             if va["loss"]["total"] < best["score"]:
@@ -326,4 +338,7 @@ def _flatten_record(record: dict[str, Any]) -> dict[str, float]:
     flat.update({f"weight/{k}": v for k, v in record["weights"].items()})
     flat["data_wait_fraction"] = record["data_wait_fraction"]
     flat["epoch_seconds"] = record["seconds"]
+    for key in ("step_seconds", "peak_memory_mib"):
+        if key in record:
+            flat[key] = record[key]
     return flat
