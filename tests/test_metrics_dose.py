@@ -239,7 +239,12 @@ def test_score_directories_constant_offset_and_perfect(tmp_path: Path):
     assert shifted["dose_score"] == pytest.approx(1.5)
     # Every DVH metric (percentiles and means of dose + 1.5 inside the ROIs) moves by exactly 1.5.
     assert shifted["dvh_score"] == pytest.approx(1.5)
-    assert shifted["patients"]["pt_10"] == {"dose_score": pytest.approx(1.5), "dvh_score": pytest.approx(1.5)}
+    # PTV70: D99, D95, D1; spinal cord: D_0.1cc and mean dose -> five DVH errors per patient.
+    assert shifted["patients"]["pt_10"] == {
+        "dose_score": pytest.approx(1.5),
+        "dvh_score": pytest.approx(1.5),
+        "dvh_count": 5,
+    }
 
 
 def test_score_directories_names_missing_and_extra_patients(tmp_path: Path):

@@ -169,7 +169,11 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
             results[t.name] = _segmentation_results(t, per_case[t.name], store)
         else:
             results[t.name] = _classification_results(t, image_level[t.name], labels["covid"], metrics)
-            per_case[t.name] = {cid: {"probability": p} for cid, _, p in image_level[t.name]}
+            # Labels kept beside the probabilities so that AUCs can be recomputed on resampled cases.
+            per_case[t.name] = {
+                cid: {"probability": p, "label": label, "covid": covid}
+                for (cid, label, p), covid in zip(image_level[t.name], labels["covid"], strict=True)
+            }
     _write_image_level(pred_dir / "image_level.csv", image_level)
 
     commit, dirty = code_version()
@@ -306,6 +310,7 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
         pred_m = dose_metrics.dvh_metrics(pred, rois, spacing, oars=oars, targets=targets)
         score = dose_metrics.dvh_score([ref_m], [pred_m])
         per_case[case_id]["dvh_score"] = float(score)
+        per_case[case_id]["dvh_count"] = dose_metrics.dvh_count(ref_m, pred_m)
         dvh_rows.append((ref_m, pred_m))
     dvh = (
         dose_metrics.dvh_score([r for r, _ in dvh_rows], [p for _, p in dvh_rows])

@@ -204,6 +204,11 @@ def dvh_score(
     return float(values.mean()) if values.size else float("nan")
 
 
+def dvh_count(reference_metrics: DvhMetrics, predicted_metrics: DvhMetrics) -> int:
+    """Number of finite DVH errors: a patient's weight in the pooled DVH score."""
+    return int(sum(np.isfinite(e) for e in dvh_errors(reference_metrics, predicted_metrics).values()))
+
+
 def score_patient(
     reference_dose: np.ndarray,
     predicted_dose: np.ndarray,
@@ -217,6 +222,8 @@ def score_patient(
     return {
         "dose_score": dose_score(reference_dose, predicted_dose, possible_dose_mask),
         "dvh_score": dvh_score(reference_metrics, predicted_metrics),
+        # How many DVH errors the patient contributes to the pooled score (to re-pool a resample).
+        "dvh_count": dvh_count(reference_metrics, predicted_metrics),
         "reference_metrics": reference_metrics,
         "predicted_metrics": predicted_metrics,
     }
@@ -259,7 +266,8 @@ def read_reference_patient(folder: Path) -> dict[str, object]:
 def score_directories(reference: Path, predictions: Path) -> dict[str, object]:
     """Score a folder of ``pt_*.csv`` predictions against a folder of reference ``pt_*/`` patients.
 
-    Returns ``{"dose_score", "dvh_score", "patients": {pt: {"dose_score", "dvh_score"}}, "n_patients"}``
+    Returns ``{"dose_score", "dvh_score", "patients": {pt: {"dose_score", "dvh_score", "dvh_count"}},
+    "n_patients"}``
     with the challenge's aggregation (mean dose score over patients; DVH score pooled over all
     patients' metrics). Every reference patient needs a prediction and every prediction a reference.
     """
@@ -294,7 +302,7 @@ def score_directories(reference: Path, predictions: Path) -> dict[str, object]:
             ref["structures"],  # type: ignore[arg-type]
             ref["voxel_dimensions"],  # type: ignore[arg-type]
         )
-        patients[pt] = {"dose_score": result["dose_score"], "dvh_score": result["dvh_score"]}  # type: ignore[dict-item]
+        patients[pt] = {k: result[k] for k in ("dose_score", "dvh_score", "dvh_count")}  # type: ignore[misc]
         all_reference.append(result["reference_metrics"])  # type: ignore[arg-type]
         all_predicted.append(result["predicted_metrics"])  # type: ignore[arg-type]
 
