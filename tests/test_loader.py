@@ -245,3 +245,22 @@ def test_bad_requests_name_the_store(ct_store, tmp_path):
         CaseDataset(ct_store, "train", [DOSE], patch_size=(4, 4))
     with pytest.raises(CtanError, match="zarr"):
         CaseDataset(tmp_path, "validation", [DOSE])
+
+
+def test_cached_items_equal_read_items_and_the_cache_keeps_its_budget(ct_store):
+    plain = CaseDataset(ct_store, "train", [DOSE, SEG], patch_size=(4, 6, 6), augment=True, seed=3)
+    cached = CaseDataset(
+        ct_store, "train", [DOSE, SEG], patch_size=(4, 6, 6), augment=True, seed=3, cache_mb=64
+    )
+    for epoch in (1, 2):
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            for key in ("image", "dose", "structures", "possible_dose_mask", "structure_present"):
+                assert torch.equal(a[key], b[key]), key
+    assert 0 < cached._cached <= 64 * 2**20
+    assert plain._cached == 0
+    tiny = CaseDataset(ct_store, "train", [DOSE, SEG], cache_mb=0)
+    tiny[0]
+    assert tiny._cached == 0 and not any(isinstance(v, np.ndarray) for v in tiny._arrays.values())

@@ -161,10 +161,22 @@ def train(
     seed_everything(seed)
     patch = cfg["patch_size"] if manifest["spatial_dims"] == 3 else None
     train_set = CaseDataset(
-        settings.preprocessed_dir, "train", tasks, patch_size=patch, augment=cfg["augment"], seed=seed
+        settings.preprocessed_dir,
+        "train",
+        tasks,
+        patch_size=patch,
+        augment=cfg["augment"],
+        seed=seed,
+        cache_mb=cfg.get("cache_mb", 0),
     )
     val_set = CaseDataset(
-        settings.preprocessed_dir, "validation", tasks, patch_size=None, augment=False, seed=seed
+        settings.preprocessed_dir,
+        "validation",
+        tasks,
+        patch_size=None,
+        augment=False,
+        seed=seed,
+        cache_mb=cfg.get("cache_mb", 0),
     )
     in_channels = int(train_set[0]["image"].shape[0])
     model_config = {
