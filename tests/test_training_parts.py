@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from ctan.tasks import DOSE as SHARED_DOSE
 from ctan.tasks import Task
 from ctan.training import checkpoint
 from ctan.training.losses import soft_dice_loss, task_loss
@@ -48,6 +49,9 @@ def test_dose_loss_is_mae_inside_possible_dose_mask():
     target = torch.tensor([[[[1.0, 3.0], [100.0, 100.0]]]])
     mask = torch.tensor([[[[1, 1], [0, 0]]]])
     assert float(task_loss(DOSE, pred, {"dose": target, "possible_dose_mask": mask})) == pytest.approx(2.0)
+    # In the head's units: the shared dose task predicts in 10 Gy, so the same error is 0.2 of them.
+    batch = {"dose": target, "possible_dose_mask": mask}
+    assert float(task_loss(SHARED_DOSE, pred, batch)) == pytest.approx(0.2)
 
 
 def test_absent_structures_do_not_count():

@@ -147,6 +147,9 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         dense_out = {}
         for t in tasks:
             if t.kind == "regression":
+                # As the OpenKBP baseline does: no dose outside the possible-dose mask. The loss never
+                # sees those voxels, yet the dose score's numerator runs over the whole grid.
+                preds[t.name] = preds[t.name] * (item["possible_dose_mask"].numpy() > 0)
                 dense_out[t.name] = preds[t.name].astype(np.float32)
                 per_case[t.name][case_id] = _dose_case(item, preds[t.name], attrs, structure_names, settings)
             elif t.kind == "segmentation":
