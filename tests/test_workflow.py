@@ -127,6 +127,7 @@ def test_dry_run_plans_the_full_default_dag(default_dry_run) -> None:
         "evaluate",
         "summarize",
         "plot-summary",
+        "compare",
     }
 
 
@@ -196,9 +197,12 @@ def test_dvc_summarize_depends_on_every_configured_dataset() -> None:
     """dvc.yaml cannot derive this list from params.yaml, so it is checked here."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["summarize"]
-    results = params["paths"]["results"]
-    deps = [d.replace("${paths.results}", results) for d in stage["deps"] if d.startswith("${paths.results}")]
-    assert deps == [f"{results}/{d}" for d in params["run"]["datasets"]]
+    for key in ("results", "models"):
+        root = params["paths"][key]
+        deps = [
+            d.replace(f"${{paths.{key}}}", root) for d in stage["deps"] if d.startswith(f"${{paths.{key}}}")
+        ]
+        assert deps == [f"{root}/{d}" for d in params["run"]["datasets"]], key
 
 
 # --- mechanics: a real Snakemake run with a stand-in `ctan` ------------------------------------------
@@ -249,6 +253,9 @@ FAKE_CTAN = textwrap.dedent(
     elif a.command == "plot-summary":
         write(a.figure)
         write(a.table)
+    elif a.command == "compare":
+        for name in ("comparison.md", "comparison.json", "delta_mtl_ci.png", "training_cost.png"):
+            write(Path(a.output) / name)
     '''
 )
 

@@ -179,3 +179,37 @@ def test_audit_passes_then_names_the_rows_behind_a_flipped_chunk_byte(local_demo
     assert changed and all("ham10000_demo/" in line for line in changed)
     n_ham = sum(r["dataset"] == "ham10000_demo" for r in _rows(root))
     assert len(changed) == n_ham
+
+
+def test_per_case_values_reproduce_every_evaluated_metric(local_demo_run):
+    """`ctan compare` resamples per-case values; with every case once they must give metrics.json back."""
+    from ctan.comparison import metrics_on, scored_cases
+
+    for path in sorted((local_demo_run / "results").glob("*/*/seed*/metrics.json")):
+        doc = json.loads(path.read_text())
+        again = metrics_on(doc, scored_cases(doc, path))
+        for task, metrics in doc["tasks"].items():
+            for metric, value in metrics.items():
+                assert again[task][metric] == pytest.approx(value, rel=1e-9, nan_ok=True), (
+                    path,
+                    task,
+                    metric,
+                )
+
+
+def test_the_comparison_report_covers_every_dataset_and_architecture(local_demo_run):
+    folder = local_demo_run / "results" / "comparison"
+    report = json.loads((folder / "comparison.json").read_text())
+    assert list(report["datasets"]) == PARAMS["run"]["datasets"]
+    for dataset, entry in report["datasets"].items():
+        assert set(entry["delta_mtl"]) == set(PARAMS["run"]["architectures"]) - {"stl"}
+        for arch, cost in entry["cost"].items():
+            assert cost["step_seconds"] > 0 and cost["peak_memory_mib"] > 50, (dataset, arch)
+            assert 0 <= cost["data_wait_pct"] < 100, (dataset, arch)
+        for arch, delta in entry["delta_mtl"].items():
+            if delta["resamples_with_delta"]:
+                assert delta["ci_low"] <= delta["ci_high"], (dataset, arch)
+    text = (folder / "comparison.md").read_text()
+    assert all(f"### {d}" in text for d in PARAMS["run"]["datasets"])
+    assert (folder / "delta_mtl_ci.png").stat().st_size > 10_000
+    assert (folder / "training_cost.png").stat().st_size > 10_000

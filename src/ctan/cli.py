@@ -90,6 +90,14 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ctan.comparison import compare
+    from ctan.config import load_params
+
+    print(compare(load_params(args.params), Path(args.output)))
+    return 0
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     from ctan.provenance import audit
 
@@ -223,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_params(p)
     p.add_argument("--output", default="results/summary.csv", help="summary CSV to write")
+
+    p = add(
+        "compare",
+        _cmd_compare,
+        "the architecture comparison: metrics, Δ_MTL with bootstrap intervals, cost, provenance",
+        "Read every metrics.json and training history of the run in params.yaml and write "
+        "OUTPUT/comparison.md (per-task mean ± std over seeds; Δ_MTL vs STL with a confidence interval "
+        "from a paired bootstrap over test cases, seeds kept apart; the paper's figures; step time, "
+        "data-wait share and peak memory; data hashes, code versions, MLflow run ids), "
+        "OUTPUT/comparison.json and two figures. Resamples, confidence and RNG seed: `comparison:` in "
+        "params.yaml.",
+    )
+    _add_params(p)
+    p.add_argument("--output", default="results/comparison", help="folder to write the report into")
 
     p = add(
         "audit",

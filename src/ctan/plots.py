@@ -319,3 +319,75 @@ def write_metric_table(summary_csv: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(document, encoding="utf-8")
     return out
+
+
+# --- the architecture comparison (ctan compare) ----------------------------------------------------
+
+
+def _whisker(length: float) -> float:
+    """Error-bar length: none where the interval is undefined (and never negative)."""
+    return max(0.0, length) if math.isfinite(length) else 0.0
+
+
+def plot_comparison_delta(report: Mapping[str, Any], out: Path) -> Path:
+    """Δ_MTL per dataset and architecture with the paired-bootstrap confidence interval as whiskers; a
+    last group gives the mean over datasets beside the paper's (black diamonds)."""
+    datasets = list(report["datasets"])
+    archs = list(report["mean_delta_mtl"])
+    if not archs:
+        raise CtanError(out, "no multi-task architecture to compare with STL")
+    groups = [*datasets, "mean over datasets"]
+    width = 0.8 / len(archs)
+    fig = Figure(figsize=(max(5.5, 1.5 + 0.5 * len(archs) * len(groups)), 4.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for i, arch in enumerate(archs):
+        xs = x + (i - (len(archs) - 1) / 2) * width
+        values, low, high = [], [], []
+        for d in datasets:
+            entry = report["datasets"][d]["delta_mtl"][arch]
+            values.append(entry["delta_mtl"])
+            low.append(_whisker(entry["delta_mtl"] - entry["ci_low"]))
+            high.append(_whisker(entry["ci_high"] - entry["delta_mtl"]))
+        values.append(report["mean_delta_mtl"][arch])
+        low.append(0.0)
+        high.append(0.0)
+        ax.bar(xs, values, width, yerr=[low, high], capsize=3, label=arch, color=ARCH_COLOURS.get(arch))
+        paper = report.get("paper_delta_mtl", {}).get(arch)
+        if paper is not None:
+            ax.plot(xs[-1], paper, "D", color="black", markersize=5)
+    ax.plot([], [], "D", color="black", markersize=5, label="paper (4 datasets)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, groups, rotation=15, ha="right")
+    ax.set_ylabel("Δ_MTL vs STL (%)")
+    ax.set_title("Multi-task gain over STL: mean over seeds, 95 % paired-bootstrap interval")
+    ax.legend(fontsize="small", ncols=2)
+    return _save(fig, out)
+
+
+def plot_comparison_cost(report: Mapping[str, Any], out: Path) -> Path:
+    """Per dataset: median training-step time and peak memory of each architecture."""
+    datasets = list(report["datasets"])
+    archs = list(next(iter(report["datasets"].values()))["cost"])
+    fig = Figure(figsize=(max(6.0, 1.2 * len(archs) * len(datasets) * 0.6 + 3), 3.6), layout="constrained")
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(archs)
+    x = np.arange(len(datasets))
+    for ax, key, label in (
+        (axes[0], "step_seconds", "training step (s, median)"),
+        (axes[1], "peak_memory_mib", "peak memory (MiB)"),
+    ):
+        for i, arch in enumerate(archs):
+            values = [report["datasets"][d]["cost"][arch][key] for d in datasets]
+            ax.bar(
+                x + (i - (len(archs) - 1) / 2) * width,
+                values,
+                width,
+                label=arch,
+                color=ARCH_COLOURS.get(arch),
+            )
+        ax.set_xticks(x, datasets, rotation=15, ha="right")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize="small")
+    fig.suptitle("Training cost, measured in the same runs")
+    return _save(fig, out)

@@ -80,7 +80,7 @@ STAGE_CODE = {
     "preprocess": ["preprocess", "store.py", "manifest.py", "datasets"],
     "train": ["training", "models", "loader.py", "preprocess/intensity.py", "tasks.py"],
     "evaluate": ["evaluation.py", "metrics"],
-    "summary": ["summary.py", "metrics", "provenance.py", "plots.py"],
+    "summary": ["summary.py", "comparison.py", "metrics", "provenance.py", "plots.py"],
 }
 PACKAGE = Path(workflow.basedir) / "src" / "ctan"
 
@@ -136,6 +136,18 @@ def all_metrics() -> list[str]:
         arch=RUN["architectures"],
         seed=RUN["seeds"],
     )
+
+
+def all_histories() -> list[str]:
+    """Every training job's history.json (STL: one per task): the cost figures of `ctan compare`."""
+    out = []
+    for dataset in RUN["datasets"]:
+        for arch in RUN["architectures"]:
+            for seed in RUN["seeds"]:
+                base = f"{MODELS}/{dataset}/{arch}/seed{seed}"
+                tasks = settings(dataset).tasks if arch == "stl" else [None]
+                out += [f"{base}/{t}/history.json" if t else f"{base}/history.json" for t in tasks]
+    return out
 
 
 onstart:

@@ -1,0 +1,383 @@
+"""`ctan compare`: the architecture comparison with honest statistics, as a Markdown report with plots.
+
+What a reader of a MTL paper wants and a summary CSV does not give:
+
+- per task and metric, mean ± std over seeds for every architecture;
+- Δ_MTL against STL with a 95 % confidence interval from a *paired bootstrap over test cases*: one
+  resample of test-case indices is applied to every architecture and every seed at once (paired: the
+  same cases for the model and its STL baseline), each seed's Δ_MTL is computed against the STL run of
+  that seed and the seeds' Δ are averaged (seeds are never pooled as if they were cases). The interval
+  is the percentile interval of that average over the resamples;
+- the paper's figures beside ours;
+- training cost measured in the same runs (step time, the share of each training step spent waiting
+  for data, peak memory) and where every number came from (data hash, code version, MLflow run ids).
+
+Metrics are recomputed from the per-case values that `ctan evaluate` keeps in metrics.json, by the
+same aggregation it uses (`aggregate`); with every case once this reproduces metrics.json exactly,
+which a test checks. A resample on which a metric is undefined (an AUC whose resample holds one class)
+gives no Δ; the number of resamples with a Δ is reported. The bootstrap is written out rather than
+taken from `scipy.stats.bootstrap` because that one cannot drop such undefined resamples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctan.config import dataset_settings
+from ctan.errors import CtanError
+from ctan.training.setup import model_dir, results_dir
+
+# The paper's headline: relative improvement over STL averaged over tasks and its four datasets
+# (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
+PAPER_DELTA_MTL = {"ctan": 4.67, "hps": 3.22, "mtan": -5.38}
+
+
+# --- metrics from per-case values ----------------------------------------------------------------
+
+
+def aggregate(metric: str, rows: Sequence[Mapping[str, Any]]) -> float:
+    """One test-set metric from per-case rows, aggregated exactly as `ctan evaluate` does."""
+    from ctan.metrics import classification as cls
+    from ctan.metrics import segmentation as seg
+
+    if metric in ("dose_score", "dice", "hd95"):
+        return seg.nanmean(float(r.get(metric, math.nan)) for r in rows)
+    if metric == "dvh_score":
+        # The challenge pools every (patient, ROI, metric) error: patients weigh by their DVH count.
+        if all("dvh_count" in r for r in rows):
+            counts = np.array([r["dvh_count"] for r in rows], dtype=np.float64)
+            scores = np.array([r["dvh_score"] for r in rows], dtype=np.float64)
+            keep = (counts > 0) & np.isfinite(scores)
+            return float((scores[keep] * counts[keep]).sum() / counts[keep].sum()) if keep.any() else math.nan
+        return seg.nanmean(float(r["dvh_score"]) for r in rows)
+    if metric == "jaccard_thresholded":
+        return seg.thresholded_mean(float(r["jaccard"]) for r in rows)
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([r["probability"] for r in rows], dtype=np.float64)
+    if metric == "balanced_accuracy":
+        return cls.balanced_accuracy(labels, probs.argmax(1))
+    if metric == "auc_macro":
+        return cls.macro_auc(labels, probs)
+    score = probs[:, 0] if probs.ndim == 2 else probs
+    if metric == "auc":
+        return _quiet(cls.binary_auc, labels, score)
+    if metric == "auc_covid_positive":
+        covid = np.array([int(r["covid"]) for r in rows]) == 1
+        return _quiet(cls.binary_auc, labels[covid], score[covid])
+    raise CtanError(None, f"no per-case aggregation for metric {metric!r}")
+
+
+def _quiet(func, *args):
+    import logging
+
+    logger = logging.getLogger("ctan.metrics")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # an undefined AUC on a resample is expected, not news
+    try:
+        return func(*args)
+    finally:
+        logger.setLevel(level)
+
+
+def scored_cases(doc: Mapping[str, Any], path: Path | str = "") -> list[str]:
+    """The case ids every task of one metrics.json was scored on (they must be the same)."""
+    per_case = doc.get("per_case") or {}
+    sets = {task: set(rows) for task, rows in per_case.items()}
+    if not sets or set(doc["tasks"]) - set(sets):
+        raise CtanError(path, "no per-case values for every task; re-run `ctan evaluate`")
+    first = next(iter(sets.values()))
+    if any(s != first for s in sets.values()):
+        raise CtanError(path, "tasks were scored on different test cases")
+    return sorted(first)
+
+
+def metrics_on(doc: Mapping[str, Any], cases: Sequence[str]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of one evaluation recomputed on ``cases`` (repeats allowed)."""
+    out = {}
+    for task, metrics in doc["tasks"].items():
+        rows = [doc["per_case"][task][c] for c in cases]
+        out[task] = {m: aggregate(m, rows) for m in metrics}
+    return out
+
+
+# --- the paired bootstrap --------------------------------------------------------------------------
+
+
+def paired_bootstrap_delta(
+    docs: Mapping[tuple[str, int], Mapping[str, Any]],
+    arch: str,
+    seeds: Sequence[int],
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    rng_seed: int = 0,
+    cache: dict[tuple[str, int], list] | None = None,
+) -> dict[str, Any]:
+    """Δ_MTL of ``arch`` vs STL: the point estimate (mean over seeds of each seed's Δ), the std over
+    seeds, and a percentile confidence interval from resampling test cases (see the module doc).
+
+    The resamples depend only on ``rng_seed`` and the number of cases, so every architecture sees the
+    same ones; pass one ``cache`` dict for all architectures to recompute STL's metrics only once."""
+    from ctan.metrics.mtl import delta_mtl
+
+    cases = scored_cases(docs["stl", seeds[0]])
+    for seed in seeds:
+        for key in (("stl", seed), (arch, seed)):
+            if scored_cases(docs[key]) != cases:
+                raise CtanError(None, f"{key[0]} seed {key[1]} was scored on other test cases than STL")
+    directions = docs[arch, seeds[0]]["higher_is_better"]
+
+    rng = np.random.default_rng(rng_seed)
+    n = len(cases)
+    draws = [[cases[i] for i in rng.integers(0, n, n)] for _ in range(resamples)]
+    cache = {} if cache is None else cache
+
+    def resampled(key: tuple[str, int]) -> list:
+        if key not in cache or len(cache[key]) != resamples:
+            cache[key] = [metrics_on(docs[key], chosen) for chosen in draws]
+        return cache[key]
+
+    per_draw = np.array(
+        [
+            [
+                _silent_delta(delta_mtl, m, s, directions)
+                for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
+            ]
+            for seed in seeds
+        ]
+    )
+
+    per_seed = [
+        _silent_delta(delta_mtl, docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions) for s in seeds
+    ]
+    draws_delta = per_draw.mean(axis=0)  # NaN where any seed's Δ is undefined on that resample
+    finite = draws_delta[np.isfinite(draws_delta)]
+    alpha = (1 - confidence) / 2
+    low, high = (
+        (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha)))
+        if finite.size
+        else (math.nan, math.nan)
+    )
+    return {
+        "delta_mtl": float(np.mean(per_seed)),
+        "std_over_seeds": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "per_seed": per_seed,
+        "ci_low": low,
+        "ci_high": high,
+        "confidence": confidence,
+        "resamples": resamples,
+        "resamples_with_delta": int(finite.size),
+        "test_cases": n,
+    }
+
+
+def _silent_delta(delta_mtl, model, stl, directions) -> float:
+    import logging
+
+    logger = logging.getLogger("ctan.metrics")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return delta_mtl(model, stl, directions)
+    finally:
+        logger.setLevel(level)
+
+
+# --- training cost ---------------------------------------------------------------------------------
+
+
+def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
+    """From the run's history.json file(s): STL's task models are added up, as STL needs all of them."""
+    keys = list(settings.tasks) if arch == "stl" else [None]
+    epochs, seconds, steps, waits, peaks = 0, 0.0, [], [], []
+    for key in keys:
+        path = model_dir(settings, arch, seed, key) / "history.json"
+        if not path.is_file():
+            raise CtanError(path, f"missing; run `ctan train --dataset {settings.name} --arch {arch}`")
+        records = json.loads(path.read_text())["epochs"]
+        epochs = max(epochs, len(records))
+        seconds += sum(r["seconds"] for r in records)
+        steps += [r["step_seconds"] for r in records if "step_seconds" in r]
+        # Epoch 1 fills the in-memory case cache from Zarr; later epochs show the steady state.
+        waits += [r["data_wait_fraction"] for r in records[1:] or records]
+        peaks += [r["peak_memory_mib"] for r in records if "peak_memory_mib" in r]
+    return {
+        "epochs": epochs,
+        "train_minutes": seconds / 60,
+        "step_seconds": float(np.median(steps)) if steps else math.nan,
+        "data_wait_pct": 100 * float(np.mean(waits)) if waits else math.nan,
+        "peak_memory_mib": float(max(peaks)) if peaks else math.nan,
+    }
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def compare(params: dict[str, Any], out_dir: Path) -> Path:
+    """Write comparison.json, comparison.md and the figures into ``out_dir``; return the Markdown path."""
+    from ctan.provenance import dvc_md5
+
+    run = params["run"]
+    cfg = params.get("comparison") or {}
+    resamples = int(cfg.get("resamples", 2000))
+    confidence = float(cfg.get("confidence", 0.95))
+    rng_seed = int(cfg.get("seed", 0))
+    if "stl" not in run["architectures"]:
+        raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
+    seeds = list(run["seeds"])
+    report: dict[str, Any] = {"seeds": seeds, "datasets": {}, "paper_delta_mtl": PAPER_DELTA_MTL}
+    for dataset in run["datasets"]:
+        settings = dataset_settings(params, dataset)
+        docs = {}
+        for arch in run["architectures"]:
+            for seed in seeds:
+                path = results_dir(settings, arch, seed) / "metrics.json"
+                if not path.is_file():
+                    raise CtanError(path, f"missing; run `ctan evaluate --dataset {dataset} --arch {arch}`")
+                docs[arch, seed] = json.loads(path.read_text())
+        entry: dict[str, Any] = {
+            "data_hash": dvc_md5(settings.preprocessed_dir),
+            "source_sha256": docs["stl", seeds[0]]["provenance"].get("source_sha256"),
+            "test_cases": len(scored_cases(docs["stl", seeds[0]])),
+            "metrics": {},
+            "delta_mtl": {},
+            "cost": {},
+            "provenance": {},
+        }
+        resample_cache: dict[tuple[str, int], list] = {}
+        for arch in run["architectures"]:
+            values: dict[str, dict[str, list[float]]] = {}
+            for seed in seeds:
+                for task, metrics in docs[arch, seed]["tasks"].items():
+                    for metric, value in metrics.items():
+                        values.setdefault(task, {}).setdefault(metric, []).append(float(value))
+            entry["metrics"][arch] = {
+                task: {
+                    m: {
+                        "mean": float(np.mean(v)),
+                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                        "higher_is_better": bool(docs[arch, seeds[0]]["higher_is_better"][task][m]),
+                    }
+                    for m, v in ms.items()
+                }
+                for task, ms in values.items()
+            }
+            if arch != "stl":
+                entry["delta_mtl"][arch] = paired_bootstrap_delta(
+                    docs, arch, seeds, resamples, confidence, rng_seed, cache=resample_cache
+                )
+            costs = [training_cost(settings, arch, s) for s in seeds]
+            entry["cost"][arch] = {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
+            entry["provenance"][arch] = {
+                str(s): {
+                    "git_commit": docs[arch, s]["provenance"]["git_commit"],
+                    "git_dirty": docs[arch, s]["provenance"]["git_dirty"],
+                    "mlflow_run_ids": docs[arch, s]["provenance"]["mlflow_run_ids"],
+                }
+                for s in seeds
+            }
+        report["datasets"][dataset] = entry
+    archs = [a for a in run["architectures"] if a != "stl"]
+    report["mean_delta_mtl"] = {
+        a: float(np.mean([report["datasets"][d]["delta_mtl"][a]["delta_mtl"] for d in run["datasets"]]))
+        for a in archs
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(report, indent=1))
+    from ctan.plots import plot_comparison_cost, plot_comparison_delta
+
+    plot_comparison_delta(report, out_dir / "delta_mtl_ci.png")
+    plot_comparison_cost(report, out_dir / "training_cost.png")
+    md = out_dir / "comparison.md"
+    md.write_text(render_markdown(report))
+    return md
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    seeds = report["seeds"]
+    lines = [
+        "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
+        f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over seeds. Δ_MTL: % vs STL of the same "
+        "seed, positive is better; interval: paired bootstrap over test cases, seeds kept apart.",
+        "",
+    ]
+    paper = report["paper_delta_mtl"]
+    for dataset, entry in report["datasets"].items():
+        archs = list(entry["metrics"])
+        lines += [
+            f"### {dataset}",
+            "",
+            f"{entry['test_cases']} test cases; data hash (DVC md5) `{entry['data_hash']}`"
+            + (f"; source SHA-256 `{entry['source_sha256']}`" if entry.get("source_sha256") else "")
+            + ".",
+            "",
+            "| task | metric | " + " | ".join(archs) + " |",
+            "|---|---|" + "---|" * len(archs),
+        ]
+        stl = entry["metrics"]["stl"]
+        for task, metrics in stl.items():
+            for metric, cell in metrics.items():
+                arrow = "↑" if cell["higher_is_better"] else "↓"
+                means = {a: entry["metrics"][a][task][metric]["mean"] for a in archs}
+                finite = {a: v for a, v in means.items() if math.isfinite(v)}
+                best = (max if cell["higher_is_better"] else min)(finite, key=finite.get) if finite else None
+                cells = []
+                for a in archs:
+                    c = entry["metrics"][a][task][metric]
+                    text = _pm(c["mean"], c["std"])
+                    cells.append(f"**{text}**" if a == best else text)
+                lines.append(f"| {task} | {metric} {arrow} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "| architecture | Δ_MTL (%) | 95 % CI | per seed | paper (4-dataset mean) |",
+            "|---|---|---|---|---|",
+        ]
+        for arch, d in entry["delta_mtl"].items():
+            ci = "n/a"
+            if math.isfinite(d["ci_low"]):
+                ci = f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+                if d["resamples_with_delta"] < d["resamples"]:
+                    ci += f" ({d['resamples_with_delta']}/{d['resamples']} resamples defined)"
+            seeds_text = ", ".join(f"{v:+.2f}" for v in d["per_seed"])
+            paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
+            lines.append(
+                f"| {arch} | {d['delta_mtl']:+.2f} ± {d['std_over_seeds']:.2f} | {ci} | {seeds_text} | "
+                f"{paper_text} |"
+            )
+        lines += [
+            "",
+            "| architecture | epochs | training (min, all seeds' mean) | step (s, median) | data wait (%) | "
+            "peak memory (MiB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arch, c in entry["cost"].items():
+            lines.append(
+                f"| {arch} | {c['epochs']:.0f} | {c['train_minutes']:.1f} | {c['step_seconds']:.3f} | "
+                f"{c['data_wait_pct']:.1f} | {c['peak_memory_mib']:.0f} |"
+            )
+        lines += ["", "<details><summary>MLflow run ids and code versions</summary>", ""]
+        lines += ["| architecture | seed | git commit | MLflow run id(s) |", "|---|---|---|---|"]
+        for arch, by_seed in entry["provenance"].items():
+            for seed, p in by_seed.items():
+                runs = ", ".join(f"{k}: `{v}`" for k, v in sorted(p["mlflow_run_ids"].items()))
+                dirty = " (dirty)" if p["git_dirty"] else ""
+                lines.append(f"| {arch} | {seed} | `{p['git_commit'][:10]}`{dirty} | {runs} |")
+        lines += ["", "</details>", ""]
+    lines += ["### Mean over datasets", "", "| architecture | Δ_MTL (%) here | paper |", "|---|---|---|"]
+    for arch, value in report["mean_delta_mtl"].items():
+        paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
+        lines.append(f"| {arch} | {value:+.2f} | {paper_text} |")
+    lines.append("")
+    return "\n".join(lines)

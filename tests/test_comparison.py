@@ -1,0 +1,140 @@
+"""`ctan compare`: per-case re-aggregation, the paired bootstrap, and the report on a synthetic run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ctan.comparison import aggregate, metrics_on, paired_bootstrap_delta, render_markdown, scored_cases
+from ctan.errors import CtanError
+
+CASES = [f"case_{i:03d}" for i in range(30)]
+
+
+def _doc(dice: list[float], probs: list[float], labels: list[int]) -> dict:
+    """A metrics.json with a segmentation task (Dice) and a binary classification task (AUC)."""
+    from ctan.metrics.classification import binary_auc
+
+    per_case = {
+        "lesion": {c: {"dice": d} for c, d in zip(CASES, dice, strict=True)},
+        "covid": {
+            c: {"probability": [p], "label": y, "covid": y}
+            for c, p, y in zip(CASES, probs, labels, strict=True)
+        },
+    }
+    return {
+        "tasks": {"lesion": {"dice": float(np.mean(dice))}, "covid": {"auc": binary_auc(labels, probs)}},
+        "higher_is_better": {"lesion": {"dice": True}, "covid": {"auc": True}},
+        "per_case": per_case,
+    }
+
+
+@pytest.fixture
+def run():
+    rng = np.random.default_rng(0)
+    labels = [i % 2 for i in range(len(CASES))]
+    docs = {}
+    for seed in (0, 1, 2):
+        base = rng.uniform(0.4, 0.8, len(CASES))
+        probs = np.clip(np.array(labels) * 0.3 + rng.uniform(0, 0.7, len(CASES)), 0, 1)
+        docs["stl", seed] = _doc(list(base), list(probs), labels)
+        docs["same", seed] = _doc(list(base), list(probs), labels)
+        docs["better", seed] = _doc(list(base * 1.1), list(probs), labels)  # Dice 10 % up, AUC unchanged
+    return docs
+
+
+def test_all_cases_reproduce_the_evaluated_metrics(run):
+    doc = run["stl", 0]
+    assert scored_cases(doc) == CASES
+    again = metrics_on(doc, CASES)
+    for task, metrics in doc["tasks"].items():
+        for metric, value in metrics.items():
+            assert again[task][metric] == pytest.approx(value, rel=1e-12)
+
+
+def test_a_uniform_gain_has_a_tight_interval_and_no_change_has_none(run):
+    better = paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=100)
+    # Dice +10 % on every case, AUC unchanged: Δ = (10 + 0) / 2 = 5 % on every resample (paired).
+    assert better["delta_mtl"] == pytest.approx(5.0)
+    assert better["ci_low"] == pytest.approx(5.0) and better["ci_high"] == pytest.approx(5.0)
+    assert better["per_seed"] == pytest.approx([5.0, 5.0, 5.0]) and better["std_over_seeds"] == pytest.approx(
+        0
+    )
+    same = paired_bootstrap_delta(run, "same", [0, 1, 2], resamples=100)
+    assert same["delta_mtl"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+    assert same["resamples_with_delta"] == 100
+
+
+def test_a_noisy_difference_gets_an_interval_around_the_estimate(run):
+    rng = np.random.default_rng(5)
+    for seed in (0, 1, 2):
+        stl = run["stl", seed]
+        dice = [stl["per_case"]["lesion"][c]["dice"] * rng.uniform(0.8, 1.3) for c in CASES]
+        probs = [stl["per_case"]["covid"][c]["probability"][0] for c in CASES]
+        labels = [stl["per_case"]["covid"][c]["label"] for c in CASES]
+        run["noisy", seed] = _doc(dice, probs, labels)
+    out = paired_bootstrap_delta(run, "noisy", [0, 1, 2], resamples=200)
+    assert out["ci_low"] < out["delta_mtl"] < out["ci_high"]
+    assert 0.5 < out["ci_high"] - out["ci_low"] < 20
+    again = paired_bootstrap_delta(run, "noisy", [0, 1, 2], resamples=200)
+    assert again == out  # the resampling is seeded
+
+
+def test_undefined_resamples_are_counted_not_averaged():
+    labels = [1] * 29 + [0]  # one negative: a third of the resamples miss it, and their AUC is undefined
+    probs = list(np.linspace(0.1, 0.9, 30))
+    stl_probs = [*probs[1:], 0.05]  # the negative scored lowest: AUC 1
+    docs = {("stl", 0): _doc([0.5] * 30, stl_probs, labels), ("hps", 0): _doc([0.6] * 30, probs, labels)}
+    out = paired_bootstrap_delta(docs, "hps", [0], resamples=200)
+    assert 0 < out["resamples_with_delta"] < 200
+    assert math.isfinite(out["ci_low"])
+
+
+def test_dvh_score_is_pooled_by_each_patients_count():
+    rows = [{"dvh_score": 1.0, "dvh_count": 10}, {"dvh_score": 4.0, "dvh_count": 2}]
+    assert aggregate("dvh_score", rows) == pytest.approx((10 + 8) / 12)
+    assert aggregate("jaccard_thresholded", [{"jaccard": 0.6}, {"jaccard": 0.9}]) == pytest.approx(0.45)
+
+
+def test_mismatched_test_cases_are_refused(run):
+    run["better", 1]["per_case"]["lesion"].pop(CASES[0])
+    with pytest.raises(CtanError, match="different test cases"):
+        paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=10)
+
+
+def test_the_markdown_names_every_architecture_and_the_paper(run):
+    entry = {
+        "data_hash": "abc.dir",
+        "source_sha256": None,
+        "test_cases": len(CASES),
+        "metrics": {},
+        "delta_mtl": {"better": paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=50)},
+        "cost": {
+            a: {
+                "epochs": 2,
+                "train_minutes": 1.0,
+                "step_seconds": 0.1,
+                "data_wait_pct": 1.0,
+                "peak_memory_mib": 500,
+            }
+            for a in ("stl", "better")
+        },
+        "provenance": {
+            a: {"0": {"git_commit": "0123456789abcdef", "git_dirty": False, "mlflow_run_ids": {"all": "r1"}}}
+            for a in ("stl", "better")
+        },
+    }
+    for arch in ("stl", "better"):
+        entry["metrics"][arch] = {
+            t: {m: {"mean": v, "std": 0.01, "higher_is_better": True} for m, v in ms.items()}
+            for t, ms in run[arch, 0]["tasks"].items()
+        }
+    report = {"seeds": [0, 1, 2], "datasets": {"toy": entry}, "paper_delta_mtl": {"ctan": 4.67}}
+    report["mean_delta_mtl"] = {"better": entry["delta_mtl"]["better"]["delta_mtl"]}
+    text = render_markdown(report)
+    assert "### toy" in text and "| better | +5.00 ± 0.00 | [+5.00, +5.00]" in text
+    assert "`r1`" in text and "abc.dir" in text
+    json.dumps(report)  # everything in the report is plain JSON
