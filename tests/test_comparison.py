@@ -138,3 +138,23 @@ def test_the_markdown_names_every_architecture_and_the_paper(run):
     assert "### toy" in text and "| better | +5.00 ± 0.00 | [+5.00, +5.00]" in text
     assert "`r1`" in text and "abc.dir" in text
     json.dumps(report)  # everything in the report is plain JSON
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_fast_classification_metrics_equal_scikit_learns():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from ctan.comparison import balanced_accuracy, rank_auc
+
+    rng = np.random.default_rng(3)
+    for n in (5, 40, 389):
+        labels = rng.integers(0, 2, n)
+        labels[:2] = [0, 1]
+        score = np.round(rng.random(n), 1)  # many ties
+        assert rank_auc(labels == 1, score) == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
+        classes = rng.integers(0, 7, n)
+        predicted = rng.integers(0, 7, n)
+        assert balanced_accuracy(classes, predicted) == pytest.approx(
+            balanced_accuracy_score(classes, predicted), abs=1e-12
+        )
+    assert math.isnan(rank_auc(np.ones(4, bool), np.arange(4.0)))
