@@ -367,11 +367,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 if d["resamples_with_delta"] < d["resamples"]:
                     ci += f" ({d['resamples_with_delta']}/{d['resamples']} resamples defined)"
             seeds_text = ", ".join(f"{v:+.2f}" for v in d["per_seed"])
+            spread = f" ± {d['std_over_seeds']:.2f}" if len(d["per_seed"]) > 1 else ""
             paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
-            lines.append(
-                f"| {arch} | {d['delta_mtl']:+.2f} ± {d['std_over_seeds']:.2f} | {ci} | {seeds_text} | "
-                f"{paper_text} |"
-            )
+            lines.append(f"| {arch} | {d['delta_mtl']:+.2f}{spread} | {ci} | {seeds_text} | {paper_text} |")
         lines += [
             "",
             "| architecture | epochs | training (min, all seeds' mean) | step (s, median) | data wait (%) | "
