@@ -22,8 +22,10 @@ taken from `scipy.stats.bootstrap` because that one cannot drop such undefined r
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -158,19 +160,19 @@ def paired_bootstrap_delta(
             cache[key] = [metrics_on(docs[key], chosen) for chosen in draws]
         return cache[key]
 
-    per_draw = np.array(
-        [
+    # Undefined relative changes on resamples are expected (counted below), not news: one silence
+    # for the whole loop rather than a logger round trip per Δ.
+    with _quiet_metrics_log():
+        per_draw = np.array(
             [
-                _silent_delta(delta_mtl, m, s, directions)
-                for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
+                [
+                    delta_mtl(m, s, directions)
+                    for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
+                ]
+                for seed in seeds
             ]
-            for seed in seeds
-        ]
-    )
-
-    per_seed = [
-        _silent_delta(delta_mtl, docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions) for s in seeds
-    ]
+        )
+        per_seed = [delta_mtl(docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions) for s in seeds]
     draws_delta = per_draw.mean(axis=0)  # NaN where any seed's Δ is undefined on that resample
     finite = draws_delta[np.isfinite(draws_delta)]
     alpha = (1 - confidence) / 2
@@ -192,14 +194,13 @@ def paired_bootstrap_delta(
     }
 
 
-def _silent_delta(delta_mtl, model, stl, directions) -> float:
-    import logging
-
+@contextmanager
+def _quiet_metrics_log():
     logger = logging.getLogger("ctan.metrics")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return delta_mtl(model, stl, directions)
+        yield
     finally:
         logger.setLevel(level)
 
