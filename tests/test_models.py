@@ -65,8 +65,24 @@ def test_shapes_and_gradients_reach_every_parameter(arch: str, mix: str) -> None
         assert out[task.name].shape == expected, task.name
         assert out[task.name].dtype == torch.float32
     sum(o.square().mean() for o in out.values()).backward()
+    # CTAB's output projection starts at zero (identity block), so its attention weights receive
+    # gradient from the second step on: take one step, then every parameter must get gradient.
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad(set_to_none=True)
+    sum(o.square().mean() for o in model(x).values()).backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.count_nonzero(p.grad)]
     assert not dead, f"parameters without gradient: {dead}"
+
+
+def test_ctab_starts_as_the_identity() -> None:
+    from ctan.models.ctan import CrossTaskAttentionBottleneck
+
+    torch.manual_seed(0)
+    ctab = CrossTaskAttentionBottleneck(["a", "b"], channels=16, heads=2)
+    features = {n: torch.randn(2, 16, 3, 4, 5) for n in ("a", "b")}
+    out = ctab(features)
+    for n in features:
+        assert torch.equal(out[n], features[n])
 
 
 def perturbed_outputs(model: torch.nn.Module, x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
@@ -104,7 +120,10 @@ COUPLING = [
 def test_task_coupling(arch: str, mix: str, owned_by_b: str, task_b: str, task_a: str, coupled: bool) -> None:
     """CTAN's tasks read each other's attention branches; HPS/MTAN/STL task branches stay independent."""
     model, x = build(arch, mix)
-    with torch.no_grad():
+    with torch.no_grad():  # CTAB starts as the identity; coupling is a property of a trained one
+        for name, p in model.named_parameters():
+            if name.startswith("ctab.") and ".out_proj." in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(11)) * 0.1)
         before = model(x)
     after = perturbed_outputs(model, x, owned_by_b)
     assert not torch.allclose(before[task_b], after[task_b]), "perturbing task B must change task B"

@@ -9,8 +9,8 @@ rest is our design (docs/architecture.md says why):
   from stage j-1 *and the mean of the other tasks'* attended features from stage j-1. Attended
   features go to the next stage through a shared stride-2 2x2(x2) conv (MTAN: 3x3 conv, max-pool).
 - CTAB: at the bottleneck, each task's feature tokens are queries of a task-specific multi-head
-  attention whose keys and values are the other tasks' tokens; residual + LayerNorm. With one task it
-  is self-attention.
+  attention whose keys and values are the other tasks' tokens; a pre-norm residual block whose output
+  projection starts at zero, so it begins as the identity. With one task it is self-attention.
 - Dense tasks decode from their CTAB output with skips from their own attended encoder features;
   image-level tasks pool their CTAB output.
 
@@ -85,7 +85,14 @@ class CrossTaskAttentionEncoder(nn.Module):
 
 
 class CrossTaskAttentionBottleneck(nn.Module):
-    """Each task's bottleneck tokens attend to the other tasks' tokens (self-attention if alone)."""
+    """Each task's bottleneck tokens attend to the other tasks' tokens (self-attention if alone).
+
+    A pre-norm residual block, ``x + Attn(LN(x), LN(others))``, whose output projection starts at
+    zero: at initialisation CTAB is the identity, so a task head first sees the encoder features
+    unchanged and the cross-task exchange grows only as far as it helps. The post-norm form used
+    before (``LN(x + Attn(...))``) re-normalised every token from the first step; with it the
+    HAM10000 diagnosis head stayed at the class prior at lr 5e-3 (issue 11).
+    """
 
     def __init__(self, task_names: list[str], channels: int, heads: int) -> None:
         super().__init__()
@@ -93,17 +100,22 @@ class CrossTaskAttentionBottleneck(nn.Module):
         self.attention = nn.ModuleDict(
             {n: nn.MultiheadAttention(channels, heads, batch_first=True) for n in task_names}
         )
-        self.norms = nn.ModuleDict({n: nn.LayerNorm(channels) for n in task_names})
+        self.query_norms = nn.ModuleDict({n: nn.LayerNorm(channels) for n in task_names})
+        self.context_norms = nn.ModuleDict({n: nn.LayerNorm(channels) for n in task_names})
+        for attention in self.attention.values():
+            nn.init.zeros_(attention.out_proj.weight)
+            nn.init.zeros_(attention.out_proj.bias)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = {n: f.flatten(2).transpose(1, 2) for n, f in features.items()}  # (B, N, C)
         out = {}
         for n in self.task_names:
             others = [tokens[m] for m in self.task_names if m != n] or [tokens[n]]
-            context = torch.cat(others, dim=1)
-            attended, _ = self.attention[n](tokens[n], context, context, need_weights=False)
-            mixed = self.norms[n](tokens[n] + attended)
-            out[n] = mixed.transpose(1, 2).reshape(features[n].shape)
+            context = self.context_norms[n](torch.cat(others, dim=1))
+            attended, _ = self.attention[n](
+                self.query_norms[n](tokens[n]), context, context, need_weights=False
+            )
+            out[n] = (tokens[n] + attended).transpose(1, 2).reshape(features[n].shape)
         return out
 
 

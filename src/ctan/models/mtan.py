@@ -13,8 +13,10 @@ replaced by the U-Net used everywhere here:
   trilinear, align_corners=True), shared 3x3 conv to stage k's channels, ``mask =
   SoftMask(cat(up_k, that))`` where ``up_k`` is the shared decoder's up-sampled input, ``attended =
   mask * dec_k``. The full-resolution attended features feed the task's head.
-- Differences from the reference (ours): GroupNorm instead of BatchNorm, the common 1x1 dense head
-  instead of MTAN's 3x3+1x1 head, and the shared decoder has U-Net skip connections.
+- Dense heads as in the reference: a 3x3 conv + 1x1 conv per task (the other architectures' task-
+  specific decoders already give each task its own spatial layers).
+- Differences from the reference (ours): GroupNorm instead of BatchNorm, and the shared decoder has
+  U-Net skip connections.
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ class MTAN(MultiTaskNet):
             self.decoder_masks = nn.ModuleDict(
                 {t.name: nn.ModuleList(SoftMask(sd, 2 * ch[k], ch[k]) for k in range(depth)) for t in dense}
             )
-        self.heads = nn.ModuleDict({t.name: make_head(t, sd, ch[0], ch[-1]) for t in self.tasks})
+        # Dense tasks share one decoder here, so each needs spatial capacity of its own (reference heads).
+        self.heads = nn.ModuleDict(
+            {t.name: make_head(t, sd, ch[0], ch[-1], spatial_conv=True) for t in self.tasks}
+        )
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         shared = self.encoder.features(x)
