@@ -134,6 +134,46 @@ def test_dose_predictions_are_zero_outside_the_possible_dose_mask(local_demo_run
         assert predicted[~outside].max() > 10, case_id
 
 
+def _class_prior_loss(root: Path, dataset: str, target: str) -> float:
+    """Validation cross-entropy of always predicting the training split's class frequencies."""
+    from ctan.store import SplitStore
+
+    base = root / "data" / "preprocessed" / dataset
+
+    def labels(split: str) -> np.ndarray:
+        store = SplitStore.open(base / f"{split}.zarr")
+        return np.array([int(store.case_attrs(c)["labels"][target]) for c in store.case_ids])
+
+    train, val = labels("train"), labels("validation")
+    prior = np.bincount(train, minlength=val.max() + 1) / train.size
+    return float(-np.mean(np.log(np.clip(prior[val], 1e-12, 1))))
+
+
+@pytest.mark.parametrize("dataset", PARAMS["run"]["datasets"])
+def test_every_image_level_head_learns_beyond_the_class_prior(local_demo_run, dataset):
+    """A head that never learned predicts the prior: its loss sits at the prior's cross-entropy (ln 2
+    for balanced binary labels), and a 16-case AUC of its float noise can land anywhere. So each
+    image-level head's validation loss at the kept epoch must end clearly (10 %) below the prior's."""
+    tasks = PARAMS["datasets"][dataset]["tasks"]
+    image_level = [t for t in tasks if t in ("diagnosis", "covid", "severity")]
+    if not image_level:
+        pytest.skip(f"{dataset} has no image-level task")
+    failures = []
+    for arch in PARAMS["run"]["architectures"]:
+        for task in image_level:
+            folder = local_demo_run / "models" / dataset / arch / "seed0"
+            history = json.loads(
+                ((folder / task) if arch == "stl" else folder).joinpath("history.json").read_text()
+            )
+            kept = history["epochs"][history["best_epoch"] - 1]
+            prior = _class_prior_loss(local_demo_run, dataset, task)
+            if not kept["val_loss"][task] < 0.9 * prior:
+                failures.append(
+                    f"{arch} {task}: validation loss {kept['val_loss'][task]:.3f}, prior {prior:.3f}"
+                )
+    assert not failures, failures
+
+
 @pytest.mark.parametrize("dataset", PARAMS["run"]["datasets"])
 def test_every_architecture_learns_on_the_demo(local_demo_run, dataset):
     """Test-split metrics beat a trivial predictor by a clear margin, for every architecture.
