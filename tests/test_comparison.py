@@ -80,7 +80,49 @@ def test_a_noisy_difference_gets_an_interval_around_the_estimate(run):
     assert out["ci_low"] < out["delta_mtl"] < out["ci_high"]
     assert 0.5 < out["ci_high"] - out["ci_low"] < 20
     again = paired_bootstrap_delta(run, "noisy", [0, 1, 2], resamples=200)
-    assert again == out  # the resampling is seeded
+    assert np.array_equal(again.pop("draws"), out.pop("draws")) and again == out  # the resampling is seeded
+
+
+def test_seed_spread_widens_the_hierarchical_interval_only(run):
+    """Seeds that disagree: resampling seeds too must give a wider interval than cases alone."""
+    for seed, gain in zip((0, 1, 2), (0.8, 1.0, 1.25), strict=True):
+        stl = run["stl", seed]
+        dice = [stl["per_case"]["lesion"][c]["dice"] * gain for c in CASES]
+        probs = [stl["per_case"]["covid"][c]["probability"][0] for c in CASES]
+        labels = [stl["per_case"]["covid"][c]["label"] for c in CASES]
+        run["spread", seed] = _doc(dice, probs, labels)
+    out = paired_bootstrap_delta(run, "spread", [0, 1, 2], resamples=300)
+    # Every case scaled by the same factor within a seed: no case-to-case variation at all.
+    assert out["cases_ci_high"] - out["cases_ci_low"] == pytest.approx(0, abs=1e-9)
+    assert out["ci_low"] < -5 and out["ci_high"] > 5  # seeds span -10 % .. +12.5 % on Dice
+    assert out["detectable_pct"] > 5
+
+
+def test_paired_difference_uses_the_same_resamples(run):
+    from ctan.comparison import paired_difference
+
+    better = paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=100)
+    same = paired_bootstrap_delta(run, "same", [0, 1, 2], resamples=100)
+    diff = paired_difference(better, same)
+    assert diff["difference"] == pytest.approx(5.0)
+    assert diff["ci_low"] == pytest.approx(5.0) and diff["ci_high"] == pytest.approx(5.0)
+
+
+def test_only_primary_metrics_enter_the_delta(run):
+    for seed in (0, 1, 2):
+        doc = json.loads(json.dumps(run["better", seed]))
+        doc["tasks"]["lesion"]["hd95"] = 99.0  # unbounded; it must not move the headline
+        doc["higher_is_better"]["lesion"]["hd95"] = False
+        stl = json.loads(json.dumps(run["stl", seed]))
+        stl["tasks"]["lesion"]["hd95"] = 1.0
+        stl["higher_is_better"]["lesion"]["hd95"] = False
+        for d in (doc, stl):
+            for row in d["per_case"]["lesion"].values():
+                row["hd95"] = d["tasks"]["lesion"]["hd95"]
+        run["hd", seed], run["stl", seed] = doc, stl
+    primary = {"lesion": ["dice"], "covid": ["auc"]}
+    out = paired_bootstrap_delta(run, "hd", [0, 1, 2], resamples=50, primary=primary)
+    assert out["delta_mtl"] == pytest.approx(5.0)
 
 
 def test_undefined_resamples_are_counted_not_averaged():
@@ -106,12 +148,14 @@ def test_mismatched_test_cases_are_refused(run):
 
 
 def test_the_markdown_names_every_architecture_and_the_paper(run):
+    delta = paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=50)
+    delta.pop("draws")  # resamples for paired differences; `compare` drops them before writing JSON
     entry = {
         "data_hash": "abc.dir",
         "source_sha256": None,
         "test_cases": len(CASES),
         "metrics": {},
-        "delta_mtl": {"better": paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=50)},
+        "delta_mtl": {"better": delta},
         "cost": {
             a: {
                 "epochs": 2,
@@ -144,7 +188,8 @@ def test_the_markdown_names_every_architecture_and_the_paper(run):
 def test_fast_classification_metrics_equal_scikit_learns():
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-    from ctan.comparison import balanced_accuracy, rank_auc
+    from ctan.metrics.classification import mean_recall as balanced_accuracy
+    from ctan.metrics.classification import rank_auc
 
     rng = np.random.default_rng(3)
     for n in (5, 40, 389):

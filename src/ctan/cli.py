@@ -57,6 +57,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ctan.config import load_params
+    from ctan.training.tuning import tune
+
+    params = load_params(args.params)
+    _set_threads(args.threads)
+    for path in tune(params, args.dataset, args.arch, task=args.task, device=args.device):
+        print(path)
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ctan.config import load_params
     from ctan.evaluation import evaluate
@@ -200,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_params(p)
     _add_run_ids(p, task=True)
+
+    p = add(
+        "tune",
+        _cmd_tune,
+        "choose hyperparameters (the `tuning:` grid) on the validation split, before training",
+        "Train ARCH on DATASET once per point of the `tuning:` grid (training split, `tuning.seed`), "
+        "score each on the validation split at the epoch the selection rule keeps, and write the "
+        "winner to models/DATASET/ARCH/tuning[/TASK]/choice.json, which `ctan train` then applies. "
+        "STL tunes each task's network separately. The test split is never read.",
+    )
+    _add_params(p)
+    p.add_argument("--dataset", required=True, help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument("--arch", required=True, choices=ARCHITECTURES, help="architecture")
+    p.add_argument("--task", help="for --arch stl: the single task to tune (one job per task)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
     p = add(
         "evaluate",

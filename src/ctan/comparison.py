@@ -33,7 +33,8 @@ import numpy as np
 
 from ctan.config import dataset_settings
 from ctan.errors import CtanError
-from ctan.training.setup import model_dir, results_dir
+from ctan.metrics.classification import mean_recall, rank_auc
+from ctan.training.setup import model_dir, primary_metrics, results_dir
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
@@ -62,7 +63,7 @@ def aggregate(metric: str, rows: Sequence[Mapping[str, Any]]) -> float:
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([r["probability"] for r in rows], dtype=np.float64)
     if metric == "balanced_accuracy":
-        return balanced_accuracy(labels, probs.argmax(1))
+        return mean_recall(labels, probs.argmax(1))
     if metric == "auc_macro":
         aucs = [rank_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]
         finite = [a for a in aucs if math.isfinite(a)]
@@ -80,27 +81,6 @@ def aggregate(metric: str, rows: Sequence[Mapping[str, Any]]) -> float:
 # validation costs about 5 ms a call, most of a real run; these give the same values (the
 # Mann-Whitney identity, ties counted as half, is what ROC AUC is) in about 0.1 ms. Tests check them
 # against scikit-learn and against every metrics.json of the demo run.
-
-
-def rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC of a boolean label against a score; NaN where one class is missing."""
-    from scipy.stats import rankdata
-
-    positive = np.asarray(positive, dtype=bool)
-    n1 = int(positive.sum())
-    n0 = positive.size - n1
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean recall over the classes present in ``labels`` (scikit-learn's balanced_accuracy_score)."""
-    classes = np.unique(labels)
-    if classes.size == 0:
-        return math.nan
-    return float(np.mean([np.mean(predicted[labels == k] == k) for k in classes]))
 
 
 def scored_cases(doc: Mapping[str, Any], path: Path | str = "") -> list[str]:
@@ -135,12 +115,20 @@ def paired_bootstrap_delta(
     confidence: float = 0.95,
     rng_seed: int = 0,
     cache: dict[tuple[str, int], list] | None = None,
+    primary: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """Δ_MTL of ``arch`` vs STL: the point estimate (mean over seeds of each seed's Δ), the std over
-    seeds, and a percentile confidence interval from resampling test cases (see the module doc).
+    """Δ_MTL of ``arch`` vs STL on the primary metrics: the point estimate (mean over seeds of each
+    seed's Δ), the std over seeds, and two percentile intervals (see the module doc):
 
-    The resamples depend only on ``rng_seed`` and the number of cases, so every architecture sees the
-    same ones; pass one ``cache`` dict for all architectures to recompute STL's metrics only once."""
+    - ``ci_low``/``ci_high``, hierarchical: each resample draws seeds with replacement *and* test cases
+      with replacement, so the interval also covers seed-to-seed variation (what a rerun with new seeds
+      would see);
+    - ``cases_ci_low``/``cases_ci_high``: test cases only, seeds fixed (the previous report's interval).
+
+    The resamples depend only on ``rng_seed``, the number of cases and the number of seeds, so every
+    architecture sees the same ones (paired); ``draws`` holds the hierarchical resamples for paired
+    differences between architectures (`paired_difference`). Pass one ``cache`` dict for all
+    architectures to recompute STL's metrics only once."""
     from ctan.metrics.mtl import delta_mtl
 
     cases = scored_cases(docs["stl", seeds[0]])
@@ -153,6 +141,7 @@ def paired_bootstrap_delta(
     rng = np.random.default_rng(rng_seed)
     n = len(cases)
     draws = [[cases[i] for i in rng.integers(0, n, n)] for _ in range(resamples)]
+    seed_picks = np.random.default_rng([rng_seed, 1]).integers(0, len(seeds), (resamples, len(seeds)))
     cache = {} if cache is None else cache
 
     def resampled(key: tuple[str, int]) -> list:
@@ -166,31 +155,70 @@ def paired_bootstrap_delta(
         per_draw = np.array(
             [
                 [
-                    delta_mtl(m, s, directions)
+                    delta_mtl(m, s, directions, primary)
                     for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
                 ]
                 for seed in seeds
             ]
-        )
-        per_seed = [delta_mtl(docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions) for s in seeds]
-    draws_delta = per_draw.mean(axis=0)  # NaN where any seed's Δ is undefined on that resample
-    finite = draws_delta[np.isfinite(draws_delta)]
-    alpha = (1 - confidence) / 2
-    low, high = (
-        (float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha)))
-        if finite.size
-        else (math.nan, math.nan)
-    )
+        )  # (seeds, resamples)
+        per_seed = [
+            delta_mtl(docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions, primary) for s in seeds
+        ]
+    cases_only = per_draw.mean(axis=0)  # NaN where any seed's Δ is undefined on that resample
+    hierarchical = np.take_along_axis(per_draw.T, seed_picks, axis=1).mean(axis=1)
+    cases_low, cases_high = _interval(cases_only, confidence)
+    low, high = _interval(hierarchical, confidence)
+    finite = hierarchical[np.isfinite(hierarchical)]
     return {
         "delta_mtl": float(np.mean(per_seed)),
         "std_over_seeds": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
         "per_seed": per_seed,
         "ci_low": low,
         "ci_high": high,
+        "cases_ci_low": cases_low,
+        "cases_ci_high": cases_high,
         "confidence": confidence,
         "resamples": resamples,
         "resamples_with_delta": int(finite.size),
         "test_cases": n,
+        "seeds": len(seeds),
+        "detectable_pct": detectable_difference(finite, confidence),
+        "draws": hierarchical,
+    }
+
+
+def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return math.nan, math.nan
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))
+
+
+def detectable_difference(draws: np.ndarray, confidence: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true difference this design detects with ``power`` at ``confidence`` (two-sided):
+    (z_{1-α/2} + z_power) × the bootstrap standard error."""
+    from scipy.stats import norm
+
+    if draws.size < 2:
+        return math.nan
+    z = norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)
+    return float(z * np.std(draws, ddof=1))
+
+
+def paired_difference(
+    a: Mapping[str, Any], b: Mapping[str, Any], confidence: float = 0.95
+) -> dict[str, float]:
+    """Δ_MTL(a) − Δ_MTL(b) with a hierarchical-bootstrap interval from the *same* resamples (paired)."""
+    diff = np.asarray(a["draws"]) - np.asarray(b["draws"])
+    low, high = _interval(diff, confidence)
+    finite = diff[np.isfinite(diff)]
+    return {
+        "difference": a["delta_mtl"] - b["delta_mtl"],
+        "ci_low": low,
+        "ci_high": high,
+        "detectable_pct": detectable_difference(finite, confidence),
+        "resamples_with_difference": int(finite.size),
     }
 
 
@@ -238,6 +266,7 @@ def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
 def compare(params: dict[str, Any], out_dir: Path) -> Path:
     """Write comparison.json, comparison.md and the figures into ``out_dir``; return the Markdown path."""
     from ctan.provenance import dvc_md5
+    from ctan.summary import hyperparameters_text
 
     run = params["run"]
     cfg = params.get("comparison") or {}
@@ -267,6 +296,8 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
             "provenance": {},
         }
         resample_cache: dict[tuple[str, int], list] = {}
+        primary = primary_metrics(settings)
+        entry["primary_metrics"] = {t: list(m) for t, m in primary.items()}
         for arch in run["architectures"]:
             values: dict[str, dict[str, list[float]]] = {}
             for seed in seeds:
@@ -286,10 +317,13 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
             }
             if arch != "stl":
                 entry["delta_mtl"][arch] = paired_bootstrap_delta(
-                    docs, arch, seeds, resamples, confidence, rng_seed, cache=resample_cache
+                    docs, arch, seeds, resamples, confidence, rng_seed, cache=resample_cache, primary=primary
                 )
             costs = [training_cost(settings, arch, s) for s in seeds]
             entry["cost"][arch] = {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
+            entry.setdefault("hyperparameters", {})[arch] = {
+                str(s): hyperparameters_text(docs[arch, s]["provenance"].get("tuning")) for s in seeds
+            }
             entry["provenance"][arch] = {
                 str(s): {
                     "git_commit": docs[arch, s]["provenance"]["git_commit"],
@@ -298,6 +332,16 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
                 }
                 for s in seeds
             }
+        deltas = entry["delta_mtl"]
+        entry["paired_differences"] = {
+            f"{a} - {b}": paired_difference(deltas[a], deltas[b], confidence)
+            for a in deltas
+            if a.startswith("ctan")
+            for b in deltas
+            if b != a and not b.startswith("ctan")
+        }
+        for d in deltas.values():
+            d.pop("draws")
         report["datasets"][dataset] = entry
     archs = [a for a in run["architectures"] if a != "stl"]
     report["mean_delta_mtl"] = {
@@ -322,12 +366,18 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
 
 
+def _ci(low: float, high: float) -> str:
+    return f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else "n/a"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [
         "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
         f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over seeds. Δ_MTL: % vs STL of the same "
-        "seed, positive is better; interval: paired bootstrap over test cases, seeds kept apart.",
+        "seed on each task's primary metrics (marked *), positive is better; 95 % interval: hierarchical "
+        "paired bootstrap (seeds and test cases resampled); the test-case-only interval beside it; "
+        "detectable: the smallest true Δ this design finds with 80 % power.",
         "",
     ]
     paper = report["paper_delta_mtl"]
@@ -344,9 +394,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "|---|---|" + "---|" * len(archs),
         ]
         stl = entry["metrics"]["stl"]
+        primary = entry.get("primary_metrics", {})
         for task, metrics in stl.items():
             for metric, cell in metrics.items():
-                arrow = "↑" if cell["higher_is_better"] else "↓"
+                arrow = ("↑" if cell["higher_is_better"] else "↓") + (
+                    " *" if metric in primary.get(task, ()) else ""
+                )
                 means = {a: entry["metrics"][a][task][metric]["mean"] for a in archs}
                 finite = {a: v for a, v in means.items() if math.isfinite(v)}
                 best = (max if cell["higher_is_better"] else min)(finite, key=finite.get) if finite else None
@@ -358,19 +411,35 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 lines.append(f"| {task} | {metric} {arrow} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| architecture | Δ_MTL (%) | 95 % CI | per seed | paper (4-dataset mean) |",
-            "|---|---|---|---|---|",
+            "| architecture | Δ_MTL (%) | 95 % CI (seeds + cases) | CI (cases only) | detectable | per seed "
+            "| paper (4-dataset mean) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for arch, d in entry["delta_mtl"].items():
-            ci = "n/a"
-            if math.isfinite(d["ci_low"]):
-                ci = f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
-                if d["resamples_with_delta"] < d["resamples"]:
-                    ci += f" ({d['resamples_with_delta']}/{d['resamples']} resamples defined)"
+            ci = _ci(d["ci_low"], d["ci_high"])
+            if math.isfinite(d["ci_low"]) and d["resamples_with_delta"] < d["resamples"]:
+                ci += f" ({d['resamples_with_delta']}/{d['resamples']} resamples defined)"
+            cases_ci = _ci(d.get("cases_ci_low", math.nan), d.get("cases_ci_high", math.nan))
+            detectable = d.get("detectable_pct", math.nan)
+            detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
             seeds_text = ", ".join(f"{v:+.2f}" for v in d["per_seed"])
             spread = f" ± {d['std_over_seeds']:.2f}" if len(d["per_seed"]) > 1 else ""
             paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
-            lines.append(f"| {arch} | {d['delta_mtl']:+.2f}{spread} | {ci} | {seeds_text} | {paper_text} |")
+            lines.append(
+                f"| {arch} | {d['delta_mtl']:+.2f}{spread} | {ci} | {cases_ci} | {detectable_text} | "
+                f"{seeds_text} | {paper_text} |"
+            )
+        if entry.get("paired_differences"):
+            lines += [
+                "",
+                "| paired difference | Δ_MTL difference (%) | 95 % CI (seeds + cases) | detectable |",
+                "|---|---|---|---|",
+            ]
+            for name, d in entry["paired_differences"].items():
+                detectable = d["detectable_pct"]
+                detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
+                ci = _ci(d["ci_low"], d["ci_high"])
+                lines.append(f"| {name} | {d['difference']:+.2f} | {ci} | {detectable_text} |")
         lines += [
             "",
             "| architecture | epochs | training (min, all seeds' mean) | step (s, median) | data wait (%) | "
@@ -382,6 +451,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"| {arch} | {c['epochs']:.0f} | {c['train_minutes']:.1f} | {c['step_seconds']:.3f} | "
                 f"{c['data_wait_pct']:.1f} | {c['peak_memory_mib']:.0f} |"
             )
+        if entry.get("hyperparameters"):
+            lines += [
+                "",
+                "| architecture | hyperparameters (per network; tuned: @ validation score) |",
+                "|---|---|",
+            ]
+            for arch, by_seed in entry["hyperparameters"].items():
+                lines.append(f"| {arch} | {'; '.join(sorted(set(by_seed.values()))) or '—'} |")
         lines += ["", "<details><summary>MLflow run ids and code versions</summary>", ""]
         lines += ["| architecture | seed | git commit | MLflow run id(s) |", "|---|---|---|---|"]
         for arch, by_seed in entry["provenance"].items():

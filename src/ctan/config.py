@@ -77,10 +77,12 @@ class DatasetSettings:
     subdir: str | None
     demo: dict[str, Any]
     tasks: tuple[str, ...]
+    primary_metrics: dict[str, list[str]]
     split: dict[str, Any]
     preprocess: dict[str, Any]
     training: dict[str, Any]
     model: dict[str, Any]
+    tuning: dict[str, Any]
     raw_dir: Path
     preprocessed_dir: Path
     models_dir: Path
@@ -112,10 +114,12 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
         subdir=ds.get("subdir"),
         demo=dict(ds.get("demo", {})),
         tasks=tuple(ds["tasks"]),
+        primary_metrics=dict(ds.get("primary_metrics", {})),
         split=dict(ds.get("split", {})),
         preprocess=dict(ds.get("preprocess", {})),
         training=deep_merge(params["training"], ds.get("training", {})),
         model=deep_merge(params["model"], ds.get("model", {})),
+        tuning=deep_merge(params.get("tuning") or {}, ds.get("tuning", {})),
         raw_dir=Path(paths["raw"]) / name,
         preprocessed_dir=Path(paths["preprocessed"]) / name,
         models_dir=Path(paths["models"]) / name,

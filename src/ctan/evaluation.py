@@ -202,6 +202,7 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
             "git_commit": commit,
             "git_dirty": dirty,
             "mlflow_run_ids": run_ids,
+            "tuning": _tuning_record(settings, arch),
         },
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))
@@ -216,6 +217,19 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         except ImportError:
             pass
     return out / "metrics.json"
+
+
+def _tuning_record(settings, arch: str) -> dict[str, Any]:
+    """What `ctan tune` chose for each network of this model and the validation score it won with."""
+    from ctan.training.tuning import choice_path, grid, needs_tuning
+
+    if not needs_tuning(settings):
+        return {"tuned": False, "values": {k: v[0] for k, v in grid(settings).items()}}
+    out: dict[str, Any] = {"tuned": True}
+    for key in list(settings.tasks) if arch == "stl" else [None]:
+        choice = json.loads(choice_path(settings, arch, key).read_text())
+        out[key or "all"] = {"chosen": choice["chosen"], "validation_score": choice["chosen_score"]}
+    return out
 
 
 def _json_default(value):

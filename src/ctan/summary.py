@@ -4,7 +4,8 @@ Rows:
 - ``metric``: dataset × architecture × seed × task × metric, with the STL value of the same seed and the
   relative change in % (signed so that positive is better);
 - ``delta_mtl``: dataset × architecture, Δ_MTL (Maninis et al. 2019) mean and std over seeds, each seed's
-  Δ computed against the STL run of the same seed.
+  Δ computed against the STL run of the same seed, on each task's primary metrics only (``in_delta``
+  marks them among the metric rows; HD95 and the like are reported, not averaged in).
 Every row carries the data hash (DVC's md5 of the preprocessed folder, as in dvc.lock), its content
 hash, the source archive's SHA-256, the code version, the parameters
 hash, the MLflow run id(s) and the model files' hashes, which `ctan audit` re-checks.
@@ -23,7 +24,7 @@ import numpy as np
 from ctan.config import dataset_settings, params_hash
 from ctan.errors import CtanError
 from ctan.provenance import dvc_md5
-from ctan.training.setup import results_dir
+from ctan.training.setup import primary_metrics, results_dir
 
 COLUMNS = [
     "row_type",
@@ -38,6 +39,7 @@ COLUMNS = [
     "higher_is_better",
     "stl_value",
     "relative_change_pct",
+    "in_delta",
     "data_hash",
     "data_content_hash",
     "data_path",
@@ -45,6 +47,7 @@ COLUMNS = [
     "git_commit",
     "git_dirty",
     "params_hash",
+    "hyperparameters",
     "mlflow_run_id",
     "model_sha256",
 ]
@@ -63,6 +66,7 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
             {"data": settings.data_section, "training": settings.training, "model": settings.model}
         )
         data_md5 = dvc_md5(settings.preprocessed_dir)
+        primary = primary_metrics(settings)
         docs = {}
         for arch in run["architectures"]:
             for seed in run["seeds"]:
@@ -87,6 +91,7 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
                     "git_commit": prov["git_commit"],
                     "git_dirty": prov["git_dirty"],
                     "params_hash": p_hash,
+                    "hyperparameters": hyperparameters_text(prov.get("tuning")),
                     "mlflow_run_id": ";".join(f"{k}={v}" for k, v in sorted(prov["mlflow_run_ids"].items())),
                     "model_sha256": ";".join(f"{k}={v}" for k, v in sorted(prov["model_sha256"].items())),
                 }
@@ -106,9 +111,10 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
                                 "higher_is_better": hib,
                                 "stl_value": ref,
                                 "relative_change_pct": relative_change(value, ref, hib),
+                                "in_delta": metric in primary.get(task, ()),
                             }
                         )
-                deltas.append(delta_mtl(doc["tasks"], stl["tasks"], doc["higher_is_better"]))
+                deltas.append(delta_mtl(doc["tasks"], stl["tasks"], doc["higher_is_better"], primary))
                 last_common = common
             finite = [d for d in deltas if math.isfinite(d)]
             rows.append(
@@ -135,6 +141,21 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
             writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
     tmp.replace(output)
     return output
+
+
+def hyperparameters_text(tuning: dict[str, Any] | None) -> str:
+    """``lr=0.001`` (given) or ``all:lr=0.001@0.42`` (tuned: chosen value and its validation score)."""
+    if not tuning:
+        return ""
+    if not tuning.get("tuned"):
+        return ";".join(
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuning["values"].items()
+        )
+    parts = []
+    for network, record in sorted((k, v) for k, v in tuning.items() if k != "tuned"):
+        values = ",".join(f"{k}={v:g}" for k, v in record["chosen"].items())
+        parts.append(f"{network}:{values}@{record['validation_score']:.3g}")
+    return ";".join(parts)
 
 
 def _fmt(value: Any) -> Any:

@@ -25,8 +25,12 @@ class Task:
     target:
         the array or label name in the preprocessed store (``dose``, ``structures``, ``lesion``,
         ``diagnosis``, ``covid``, ``severity``).
-    primary_metric / higher_is_better:
-        the metric used to select the best epoch and for Δ_MTL's sign.
+    metrics:
+        every metric reported for the task (directions in `ctan.metrics.METRICS`).
+    primary_metrics:
+        the bounded subset that enters Δ_MTL (a relative change of an unbounded metric such as HD95 is
+        itself unbounded: one missed structure would decide the headline). A dataset entry's
+        ``primary_metrics: {task: [...]}`` in params.yaml overrides it.
     output_scale:
         dense regression heads predict in units of this (10 Gy for dose), so that a network whose
         activations are of order 1 reaches clinical doses (up to ~80 Gy) in a few hundred steps.
@@ -39,9 +43,8 @@ class Task:
     classes: int = 0
     multilabel: bool = False
     class_names: tuple[str, ...] = ()
-    primary_metric: str = ""
-    higher_is_better: bool = True
     metrics: tuple[str, ...] = field(default_factory=tuple)
+    primary_metrics: tuple[str, ...] = field(default_factory=tuple)
     output_scale: float = 1.0
 
     @property
@@ -63,8 +66,7 @@ DOSE = Task(
     kind="regression",
     target="dose",
     channels=1,
-    primary_metric="dose_score",
-    higher_is_better=False,
     metrics=("dose_score", "dvh_score"),
+    primary_metrics=("dose_score", "dvh_score"),
     output_scale=10.0,  # Gy
 )

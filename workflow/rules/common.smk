@@ -113,6 +113,21 @@ def train_settings(wildcards) -> dict:
     return {"tasks": tasks, "training": s.training, "model": s.model}
 
 
+def tune_settings(wildcards) -> dict:
+    """What one tuning job depends on: its training settings and the grid."""
+    return {**train_settings(wildcards), "tuning": settings(wildcards.dataset).tuning}
+
+
+def tuning_choice(wildcards) -> list[str]:
+    """The tuning choice a final training job applies; none where the grid has a single point."""
+    from ctan.training.tuning import choice_path, needs_tuning
+
+    s = settings(wildcards.dataset)
+    if not needs_tuning(s):
+        return []
+    return [str(choice_path(s, getattr(wildcards, "arch", "stl"), getattr(wildcards, "task", None)))]
+
+
 def evaluate_settings(wildcards) -> dict:
     return {"tasks": list(settings(wildcards.dataset).tasks)}
 

@@ -52,9 +52,8 @@ TASKS: dict[str, Task] = {
         channels=1,
         multilabel=True,
         class_names=("lesion",),
-        primary_metric="dice",
-        higher_is_better=True,
         metrics=("dice", "jaccard_thresholded"),
+        primary_metrics=("dice", "jaccard_thresholded"),
     ),
     "diagnosis": Task(
         name="diagnosis",
@@ -62,9 +61,8 @@ TASKS: dict[str, Task] = {
         target="diagnosis",
         classes=len(CLASS_NAMES),
         class_names=CLASS_NAMES,
-        primary_metric="balanced_accuracy",
-        higher_is_better=True,
         metrics=("balanced_accuracy", "auc_macro"),
+        primary_metrics=("balanced_accuracy", "auc_macro"),
     ),
 }
 

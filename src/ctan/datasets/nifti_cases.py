@@ -55,9 +55,8 @@ TASKS: dict[str, Task] = {
         target="structures",
         channels=0,
         multilabel=True,
-        primary_metric="dice",
-        higher_is_better=True,
         metrics=("dice", "hd95"),
+        primary_metrics=("dice",),
     ),
 }
 

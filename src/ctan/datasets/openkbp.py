@@ -79,9 +79,8 @@ TASKS: dict[str, Task] = {
         channels=len(STRUCTURES),
         multilabel=True,
         class_names=STRUCTURES,
-        primary_metric="dice",
-        higher_is_better=True,
         metrics=("dice", "hd95"),
+        primary_metrics=("dice",),
     ),
 }
 

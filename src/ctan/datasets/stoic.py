@@ -48,9 +48,8 @@ TASKS: dict[str, Task] = {
         target="covid",
         classes=2,
         class_names=("negative", "positive"),
-        primary_metric="auc",
-        higher_is_better=True,
         metrics=("auc",),
+        primary_metrics=("auc",),
     ),
     "severity": Task(
         name="severity",
@@ -58,9 +57,8 @@ TASKS: dict[str, Task] = {
         target="severity",
         classes=2,
         class_names=("not severe", "severe"),
-        primary_metric="auc_covid_positive",
-        higher_is_better=True,
         metrics=("auc_covid_positive",),
+        primary_metrics=("auc_covid_positive",),
     ),
 }
 

@@ -16,6 +16,7 @@ Ties between scores count one half, as in scikit-learn's ``roc_auc_score``.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -117,3 +118,28 @@ def stoic_aucs(
             severity[positive], severity_values[positive], name="severity AUC (COVID+)"
         ),
     }
+
+
+# Fast versions for bootstrap resamples and per-epoch validation: scikit-learn's input validation made
+# 2,000 resamples take 15 min. Checked against scikit-learn in tests/test_comparison.py.
+
+
+def rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of a boolean label against a score; NaN where one class is missing."""
+    from scipy.stats import rankdata
+
+    positive = np.asarray(positive, dtype=bool)
+    n1 = int(positive.sum())
+    n0 = positive.size - n1
+    if n1 == 0 or n0 == 0:
+        return math.nan
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def mean_recall(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Balanced accuracy without scikit-learn's input checks: mean recall over the classes in ``labels``."""
+    classes = np.unique(labels)
+    if classes.size == 0:
+        return math.nan
+    return float(np.mean([np.mean(predicted[labels == k] == k) for k in classes]))

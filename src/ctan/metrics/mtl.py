@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ctan.errors import CtanError
 
 log = logging.getLogger("ctan.metrics")
 
 Results = Mapping[str, Mapping[str, float]]
+Primary = Mapping[str, Sequence[str]]
 Directions = Mapping[str, bool] | Mapping[str, Mapping[str, bool]]
 
 
@@ -51,18 +52,26 @@ def relative_change(value: float, stl: float, higher_is_better: bool) -> float:
 
 
 def relative_changes(
-    model: Results, stl: Results, directions: Directions | None = None
+    model: Results, stl: Results, directions: Directions | None = None, primary: Primary | None = None
 ) -> dict[str, dict[str, float]]:
     """``{task: {metric: signed relative change %}}`` for every metric of the STL results.
 
     ``directions`` is ``{metric: higher_is_better}`` or ``{task: {metric: higher_is_better}}``; by
-    default the registry's (`ctan.metrics.higher_is_better`).
+    default the registry's (`ctan.metrics.higher_is_better`). ``primary`` (``{task: metrics}``, the
+    task records' `primary_metrics`) keeps only those metrics.
     """
     out: dict[str, dict[str, float]] = {}
     for task, baseline in stl.items():
         if task not in model:
             raise CtanError(None, f"model results lack task {task!r} that STL has")
         out[task] = {}
+        if primary is not None:
+            missing = [m for m in primary.get(task, ()) if m not in baseline]
+            if missing or task not in primary:
+                raise CtanError(
+                    None, f"STL results lack {task} primary metric(s) {missing or '(none declared)'}"
+                )
+            baseline = {m: baseline[m] for m in primary[task]}
         for metric, reference in baseline.items():
             if metric not in model[task]:
                 raise CtanError(None, f"model results lack {task}/{metric} that STL has")
@@ -79,9 +88,13 @@ def relative_changes(
     return out
 
 
-def delta_mtl(model: Results, stl: Results, directions: Directions | None = None) -> float:
-    """Δ_MTL in % over the tasks of ``stl`` (metrics averaged within a task, then over tasks)."""
-    changes = relative_changes(model, stl, directions)
+def delta_mtl(
+    model: Results, stl: Results, directions: Directions | None = None, primary: Primary | None = None
+) -> float:
+    """Δ_MTL in % over the tasks of ``stl`` (metrics averaged within a task, then over tasks).
+
+    With ``primary``, only each task's primary metrics enter (the headline: bounded metrics only)."""
+    changes = relative_changes(model, stl, directions, primary)
     per_task = [sum(metrics.values()) / len(metrics) for metrics in changes.values() if metrics]
     if not per_task:
         raise CtanError(None, "Δ_MTL needs at least one task with one metric")

@@ -41,11 +41,39 @@ def resolve_tasks(settings: DatasetSettings, manifest: dict[str, Any], only: str
         task = reader.TASKS[name]
         if task.target == "structures":
             task = dataclasses.replace(task, channels=len(manifest["structure_names"]))
+        if name in settings.primary_metrics:
+            task = dataclasses.replace(task, primary_metrics=_primary_override(settings, task))
         if task.kind == "classification" and task.target == "diagnosis" and manifest.get("class_names"):
             classes = manifest["class_names"]
             task = dataclasses.replace(task, classes=len(classes), class_names=tuple(classes))
         tasks.append(task)
     return tasks
+
+
+def _primary_override(settings: DatasetSettings, task: Task) -> tuple[str, ...]:
+    chosen = tuple(settings.primary_metrics[task.name])
+    unknown = [m for m in chosen if m not in task.metrics]
+    if unknown or not chosen:
+        raise CtanError(
+            None,
+            f"datasets.{settings.name}.primary_metrics.{task.name}: {', '.join(unknown) or 'empty'} "
+            f"not among the task's metrics ({', '.join(task.metrics)})",
+        )
+    return chosen
+
+
+def primary_metrics(settings: DatasetSettings) -> dict[str, tuple[str, ...]]:
+    """``{task: metrics entering Δ_MTL}``: the task records' choice, or the dataset entry's override."""
+    from ctan.datasets import get_reader
+
+    reader = get_reader(settings.format)
+    out = {}
+    for name in settings.tasks:
+        task = reader.TASKS[name]
+        out[name] = (
+            _primary_override(settings, task) if name in settings.primary_metrics else task.primary_metrics
+        )
+    return out
 
 
 def model_dir(settings: DatasetSettings, arch: str, seed: int, task: str | None = None) -> Path:
@@ -62,8 +90,12 @@ def task_to_dict(task: Task) -> dict[str, Any]:
     out = dataclasses.asdict(task)
     out["class_names"] = list(task.class_names)
     out["metrics"] = list(task.metrics)
+    out["primary_metrics"] = list(task.primary_metrics)
     return out
 
 
 def task_from_dict(data: dict[str, Any]) -> Task:
-    return Task(**{**data, "class_names": tuple(data["class_names"]), "metrics": tuple(data["metrics"])})
+    known = {f.name for f in dataclasses.fields(Task)}
+    data = {k: v for k, v in data.items() if k in known}  # checkpoints from before a field was dropped
+    tuples = {k: tuple(data.get(k, ())) for k in ("class_names", "metrics", "primary_metrics")}
+    return Task(**{**data, **tuples})

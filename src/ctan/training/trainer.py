@@ -1,8 +1,8 @@
 """`ctan train`: one architecture, one dataset, one seed (one task for STL).
 
 Read top to bottom: set-up, resume, the epoch loop (train, validate, keep the best, checkpoint), and the
-artefacts a later stage needs. Best epoch = lowest unweighted sum of validation task losses; the test
-split is never looked at here.
+artefacts a later stage needs. Best epoch: the same rule for STL and multi-task models, on validation
+metrics (`ctan.training.selection`); the test split is never looked at here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ctan.errors import CtanError
 from ctan.tasks import Task
 from ctan.training import checkpoint
 from ctan.training.losses import task_loss
+from ctan.training.selection import classification_metrics, improves, selection_score
 from ctan.training.setup import model_dir, read_manifest, resolve_tasks, task_to_dict
 from ctan.training.weighting import build_weighting
 
@@ -84,6 +85,7 @@ def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str
     model.train(training)
     sums: dict[str, float] = {t.name: 0.0 for t in tasks}
     metric_sums: dict[str, dict[str, float]] = {t.name: {} for t in tasks}
+    image_level: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in tasks if not t.dense}
     n_batches, wait, start = 0, 0.0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     it = iter(bar)
@@ -107,6 +109,10 @@ def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str
             sums[t.name] += float(losses[t.name].detach())
             for k, v in monitor_metrics(t, outputs[t.name].detach().float(), batch).items():
                 metric_sums[t.name][k] = metric_sums[t.name].get(k, 0.0) + v
+            if t.name in image_level and not training:
+                image_level[t.name].append(
+                    (outputs[t.name].detach().float().cpu().numpy(), batch[t.name].cpu().numpy())
+                )
         n_batches += 1
         bar.set_postfix({t: f"{sums[t] / n_batches:.3f}" for t in sums})
     if n_batches == 0:
@@ -114,9 +120,15 @@ def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str
     elapsed = time.perf_counter() - start
     losses_mean = {t: s / n_batches for t, s in sums.items()}
     losses_mean["total"] = sum(losses_mean.values())
+    metrics_mean = {t: {k: v / n_batches for k, v in m.items()} for t, m in metric_sums.items()}
+    for t in tasks:
+        if image_level.get(t.name):  # AUC / balanced accuracy need the whole split, not batch means
+            logits = np.concatenate([o for o, _ in image_level[t.name]])
+            labels = np.concatenate([y.reshape(-1) for _, y in image_level[t.name]])
+            metrics_mean[t.name].update(classification_metrics(t, logits, labels))
     return {
         "loss": losses_mean,
-        "metrics": {t: {k: v / n_batches for k, v in m.items()} for t, m in metric_sums.items()},
+        "metrics": metrics_mean,
         "seconds": elapsed,
         "steps": n_batches,
         "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
@@ -130,21 +142,30 @@ def train(
     seed: int,
     task: str | None = None,
     device: str | None = None,
+    out: Path | None = None,
+    tuned: bool = True,
 ) -> list[Path]:
-    """Train and return the model folder(s). STL without --task trains each task in turn."""
+    """Train and return the model folder(s). STL without --task trains each task in turn.
+
+    ``tuned``: apply the tuning choice (`ctan.training.tuning`); ``out``: a folder other than the
+    model's own (the tuning runs)."""
     from ctan.loader import CaseDataset
     from ctan.models import build_model
 
     settings = dataset_settings(params, dataset)
     if arch == "stl" and task is None:
-        return [p for t in settings.tasks for p in train(params, dataset, arch, seed, task=t, device=device)]
+        return [p for t in settings.tasks for p in train(params, dataset, arch, seed, t, device, out, tuned)]
     if arch != "stl" and task is not None:
         raise CtanError(None, f"--task is for --arch stl only; {arch} trains all tasks of {dataset} together")
 
     manifest = read_manifest(settings)
     tasks = resolve_tasks(settings, manifest, only=task)
     cfg = settings.training
-    out = model_dir(settings, arch, seed, task)
+    if tuned:
+        from ctan.training.tuning import tuned_values
+
+        cfg = {**cfg, **tuned_values(settings, arch, task)}
+    out = Path(out) if out is not None else model_dir(settings, arch, seed, task)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
     identity = {
@@ -209,7 +230,7 @@ def train(
     )
 
     start_epoch, history = 1, []
-    best = {"epoch": 0, "score": math.inf, "state_dict": None}
+    best = {"epoch": 0, "score": -math.inf, "state_dict": None}
     run_id = None
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
@@ -236,7 +257,7 @@ def train(
     from ctan.provenance import code_version
 
     commit, dirty = code_version()
-    label = f"{dataset}/{arch}" + (f"/{task}" if task else "") + f"/seed{seed}"
+    label = f"{dataset}/{arch}" + (f"/{task}" if task else "") + f"/seed{seed}" + ("" if tuned else "/tuning")
     tags = {
         "dataset": dataset,
         "architecture": arch,
@@ -286,11 +307,14 @@ def train(
                 "data_wait_fraction": tr["data_wait_fraction"],
                 "peak_memory_mib": peak_memory_mib(dev),
             }
+            record["selection_score"] = selection_score(
+                tasks, va["metrics"], history[0]["val_metrics"] if history else va["metrics"]
+            )
             history.append(record)
-            if va["loss"]["total"] < best["score"]:
+            if best["epoch"] == 0 or improves(record, history[best["epoch"] - 1]):
                 best = {
                     "epoch": epoch,
-                    "score": va["loss"]["total"],
+                    "score": record["selection_score"],
                     "state_dict": copy.deepcopy(model.state_dict()),
                 }
             tracking.log_metrics(_flatten_record(record), step=epoch)
@@ -337,7 +361,7 @@ def train(
             tracking.log_artifact(str(out / "curves.png"))
         except ImportError:
             pass
-        tracking.log_metrics({"best_epoch": best["epoch"], "best_val_loss": best["score"]})
+        tracking.log_metrics({"best_epoch": best["epoch"], "best_selection_score": best["score"]})
         tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
     return [out]
 
