@@ -47,6 +47,7 @@ def load_models(
             raise CtanError(
                 path, f"missing; run `ctan train --dataset {settings.name} --arch {arch} --seed {seed}`"
             )
+        checkpoint.verify(path)  # against the SHA-256 recorded at training time, before anything loads
         state = checkpoint.load(path)
         cfg = state["model_config"]
         tasks = [task_from_dict(t) for t in state["tasks"]]
