@@ -121,7 +121,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from ctan.provenance import audit
+    from ctan.audit import audit
 
     return audit(Path(args.summary))
 
@@ -283,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         _cmd_audit,
         "check that the data and models behind every number in a summary are unchanged",
-        "Recompute the hashes of the preprocessed data and models recorded in SUMMARY and report, for "
-        "each row, whether what produced it is unchanged. Exits 1 if anything changed.",
+        "Recompute every row of SUMMARY from the metrics files behind it (with the code that wrote it) and "
+        "re-hash those files, the models, the preprocessed data and the raw sources. Prints CHANGED for "
+        "each affected row, FILE for each changed file, and the command that rebuilds them; exits 1 if "
+        "anything changed.",
     )
     p.add_argument("summary", help="results/summary.csv")
 
