@@ -1,8 +1,24 @@
+import shutil
 import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from ctan.provenance import code_version, dvc_md5, tree_sha256
 
-REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def installed_tool(name: str) -> str:
+    """A command-line tool of this environment: next to the running Python, else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is neither next to {sys.executable} nor on PATH; install the package's deps")
+    return found
 
 
 def test_dvc_md5_matches_dvc_itself(tmp_path):
@@ -13,7 +29,7 @@ def test_dvc_md5_matches_dvc_itself(tmp_path):
     (tmp_path / "d" / ".snakemake_timestamp").write_text("")
     (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    outs: [d]\n")
     (tmp_path / ".dvcignore").write_text(".snakemake_timestamp\n")
-    dvc = str(REPO_ROOT / ".venv" / "bin" / "dvc")
+    dvc = installed_tool("dvc")
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "commit", "-f", "-q", "s"]):
         subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
     lock = (tmp_path / "dvc.lock").read_text()

@@ -77,12 +77,11 @@ def slurm_cluster() -> float:
 
 
 def _environment(checkout: Path) -> dict[str, str]:
-    """The venv first on PATH (snakemake, ctan, dvc), the checkout's own code, no inherited run state."""
+    """This Python's bin folder first on PATH (snakemake, ctan, dvc), the checkout's own code, no inherited
+    run state."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SNAKEMAKE_"))}
     env.pop("MLFLOW_TRACKING_URI", None)
-    venv_bin = REPO / ".venv" / "bin"
-    bin_dir = venv_bin if (venv_bin / "snakemake").exists() else Path(sys.executable).parent
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(checkout / "src"), env.get("PYTHONPATH")]))
     env.update(DVC_NO_ANALYTICS="1", MPLBACKEND="Agg")
     return env

@@ -145,7 +145,8 @@ def test_snakemake_and_dvc_stages_depend_on_the_same_code(default_dry_run) -> No
     for rule, files in _rule_inputs(out).items():
         code = {f for f in files if f.startswith("src/")}
         if code:
-            snake.setdefault("train" if rule.startswith("train_") else rule, set()).update(code)
+            # Tuning trains too: the same code (its jobs appear only where the grid has several points).
+            snake.setdefault("train" if rule.startswith(("train_", "tune_")) else rule, set()).update(code)
     dvc: dict[str, set[str]] = {}
     for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
         stage = stage.get("do", stage)
@@ -153,7 +154,9 @@ def test_snakemake_and_dvc_stages_depend_on_the_same_code(default_dry_run) -> No
             path = root / dep
             assert path.exists(), f"dvc.yaml stage {name} depends on missing {dep}"
             found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-            dvc.setdefault(name, set()).update(str(f.relative_to(root)) for f in found)
+            dvc.setdefault("train" if name == "tune" else name, set()).update(
+                str(f.relative_to(root)) for f in found
+            )
     assert snake == dvc
 
 
@@ -189,7 +192,8 @@ def test_dvc_parses_the_same_stages(copy: Path) -> None:
     run = params["run"]
     n = len(run["datasets"])
     runs = n * len(run["architectures"]) * len(run["seeds"])
-    assert per_stage == Counter(download=n, preprocess=n, train=runs, evaluate=runs, summarize=1)
+    tunes = n * len(run["architectures"])  # one per network family; seeds share the choice
+    assert per_stage == Counter(download=n, preprocess=n, tune=tunes, train=runs, evaluate=runs, summarize=1)
     _dvc(copy, "dag")
 
 
@@ -342,3 +346,16 @@ def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path)
     assert jobs["train_stl"] == 2 * n_datasets * n_seeds  # two tasks per dataset, one job each
     assert jobs["train_mtl"] == 5 * n_datasets * n_seeds
     assert jobs["evaluate"] == 6 * n_datasets * n_seeds
+    # The learning-rate grid is tuned once per network (not per seed), before the final training jobs.
+    assert jobs["tune_stl"] == 2 * n_datasets and jobs["tune_mtl"] == 5 * n_datasets
+
+
+def test_tuning_jobs_come_before_the_final_training_jobs(copy: Path) -> None:
+    """Each final training job of the real-sample plan waits for its network's tuning choice."""
+    out = snakemake(copy, "-n", "results/summary.csv", "--configfile", "config/real-sample.yaml")
+    inputs = _rule_inputs(out.stdout)
+    choices = {f for f in inputs["train_mtl"] | inputs["train_stl"] if f.endswith("tuning/choice.json")} | {
+        f for f in inputs["train_stl"] if "/tuning/" in f
+    }
+    assert any("/stl/tuning/lesion/choice.json" in f for f in choices)
+    assert any("/ctan/tuning/choice.json" in f for f in choices)

@@ -16,6 +16,28 @@ from ctan.errors import CtanError
 ARCHITECTURES = ["stl", "hps", "mtan", "ctan", "ctan_no_ctae", "ctan_no_ctab"]
 
 
+def _seed(text: str) -> int:
+    """A --seed value: an integer >= 0, checked before anything is created (numpy refuses negatives)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise CtanError("--seed", f"must be an integer >= 0, got {text!r}")
+    return seed
+
+
+def _name(kind: str) -> Callable[[str], str]:
+    """A dataset or task name given on the command line: a plain identifier (ctan.workspace)."""
+
+    def check(text: str) -> str:
+        from ctan.workspace import check_name
+
+        return check_name(kind, text)
+
+    return check
+
+
 def _settings(args: argparse.Namespace):
     from ctan.config import dataset_settings, load_params
 
@@ -110,7 +132,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from ctan.provenance import audit
+    from ctan.audit import audit
 
     return audit(Path(args.summary))
 
@@ -141,11 +163,18 @@ def _add_params(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
-    p.add_argument("--dataset", required=True, help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        type=_name("dataset"),
+        help="dataset name, a key under `datasets:` in params.yaml",
+    )
     p.add_argument("--arch", required=True, choices=ARCHITECTURES, help="architecture")
-    p.add_argument("--seed", required=True, type=int, help="random seed")
+    p.add_argument("--seed", required=True, type=_seed, help="random seed (an integer >= 0)")
     if task:
-        p.add_argument("--task", help="for --arch stl: the single task to train (one job per task)")
+        p.add_argument(
+            "--task", type=_name("task"), help="for --arch stl: the single task to train (one job per task)"
+        )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
         "--threads",
@@ -185,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "result into place only when complete.",
     )
     _add_params(p)
-    p.add_argument("dataset", help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument(
+        "dataset", type=_name("dataset"), help="dataset name, a key under `datasets:` in params.yaml"
+    )
     p.add_argument("--source", help="override the configured source: a local archive, folder or URL")
     p.add_argument("--sha256", help="override the pinned SHA-256 of the source archive")
     p.add_argument("--force", action="store_true", help="replace an existing download")
@@ -199,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         "with source and content hashes. Output appears only when complete.",
     )
     _add_params(p)
-    p.add_argument("dataset", help="dataset name, a key under `datasets:` in params.yaml")
+    p.add_argument(
+        "dataset", type=_name("dataset"), help="dataset name, a key under `datasets:` in params.yaml"
+    )
     p.add_argument("--force", action="store_true", help="replace existing stores")
 
     p = add(
@@ -277,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
         "audit",
         _cmd_audit,
         "check that the data and models behind every number in a summary are unchanged",
-        "Recompute the hashes of the preprocessed data and models recorded in SUMMARY and report, for "
-        "each row, whether what produced it is unchanged. Exits 1 if anything changed.",
+        "Recompute every row of SUMMARY from the metrics files behind it (with the code that wrote it) and "
+        "re-hash those files, the models, the preprocessed data and the raw sources. Prints CHANGED for "
+        "each affected row, FILE for each changed file, and the command that rebuilds them; exits 1 if "
+        "anything changed.",
     )
     p.add_argument("summary", help="results/summary.csv")
 
@@ -306,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # Inside the try: argument types (--seed, names) raise CtanError, one line like any other.
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except CtanError as err:
         print(f"ctan: error: {err}", file=sys.stderr)

@@ -34,7 +34,7 @@ import numpy as np
 from ctan.config import dataset_settings
 from ctan.errors import CtanError
 from ctan.metrics.classification import mean_recall, rank_auc
-from ctan.training.setup import model_dir, primary_metrics, results_dir
+from ctan.training.setup import model_dir, results_dir
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
@@ -266,7 +266,7 @@ def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
 def compare(params: dict[str, Any], out_dir: Path) -> Path:
     """Write comparison.json, comparison.md and the figures into ``out_dir``; return the Markdown path."""
     from ctan.provenance import dvc_md5
-    from ctan.summary import hyperparameters_text
+    from ctan.summary import hyperparameters_text, primary_of
 
     run = params["run"]
     cfg = params.get("comparison") or {}
@@ -296,7 +296,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
             "provenance": {},
         }
         resample_cache: dict[tuple[str, int], list] = {}
-        primary = primary_metrics(settings)
+        primary = primary_of(docs["stl", seeds[0]])
         entry["primary_metrics"] = {t: list(m) for t, m in primary.items()}
         for arch in run["architectures"]:
             values: dict[str, dict[str, list[float]]] = {}

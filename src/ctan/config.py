@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from ctan.errors import CtanError
+from ctan.workspace import check_name, inside
 
 SCHEMA = files("ctan") / "data" / "params.schema.yaml"
 
@@ -100,6 +101,7 @@ class DatasetSettings:
 
 
 def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
+    check_name("dataset", name)
     if name not in params["datasets"]:
         known = ", ".join(sorted(params["datasets"]))
         raise CtanError(None, f"unknown dataset {name!r}; params define: {known}")
@@ -120,8 +122,8 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
         training=deep_merge(params["training"], ds.get("training", {})),
         model=deep_merge(params["model"], ds.get("model", {})),
         tuning=deep_merge(params.get("tuning") or {}, ds.get("tuning", {})),
-        raw_dir=Path(paths["raw"]) / name,
-        preprocessed_dir=Path(paths["preprocessed"]) / name,
-        models_dir=Path(paths["models"]) / name,
-        results_dir=Path(paths["results"]) / name,
+        raw_dir=inside(paths["raw"], name),
+        preprocessed_dir=inside(paths["preprocessed"], name),
+        models_dir=inside(paths["models"], name),
+        results_dir=inside(paths["results"], name),
     )

@@ -47,6 +47,7 @@ def load_models(
             raise CtanError(
                 path, f"missing; run `ctan train --dataset {settings.name} --arch {arch} --seed {seed}`"
             )
+        checkpoint.verify(path)  # against the SHA-256 recorded at training time, before anything loads
         state = checkpoint.load(path)
         cfg = state["model_config"]
         tasks = [task_from_dict(t) for t in state["tasks"]]
@@ -190,6 +191,8 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         "architecture": arch,
         "seed": seed,
         "tasks": results,
+        # Which metrics enter Δ_MTL: the task records' bounded ones, or the params override.
+        "primary_metrics": {t.name: list(t.primary_metrics) for t in tasks},
         "higher_is_better": {
             t.name: {m: metrics.higher_is_better(m) for m in results[t.name]} for t in tasks
         },

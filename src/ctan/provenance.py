@@ -1,4 +1,4 @@
-"""Provenance: code version, file and folder hashes, and the audit of a results summary."""
+"""Provenance: code version, file and folder hashes (`ctan audit` lives in `ctan.audit`)."""
 
 from __future__ import annotations
 
@@ -67,65 +67,3 @@ def dvc_md5(path: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",)) -> 
 
 def _md5(path: Path) -> str:
     return _file_digest(path, "md5")
-
-
-def audit(summary: Path) -> int:
-    """Re-hash the data and models behind every row of a summary; 0 if all unchanged, 1 otherwise."""
-    import csv
-
-    from ctan.errors import CtanError
-
-    if not summary.is_file():
-        raise CtanError(summary, "not found; run `snakemake --cores 8 results/summary.csv` first")
-    with open(summary, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "data_hash" not in rows[0]:
-        raise CtanError(summary, "not a ctan summary (no data_hash column)")
-
-    data_now: dict[str, str] = {}
-    model_now: dict[str, str] = {}
-    changed_units: set[tuple[str, str]] = set()
-    problems: list[str] = []
-    flagged: set[int] = set()
-    for i, row in enumerate(rows, start=2):
-        reasons = []
-        data_path = row["data_path"]
-        if data_path not in data_now:
-            data_now[data_path] = dvc_md5(Path(data_path)) if Path(data_path).is_dir() else "missing"
-        if data_now[data_path] != row["data_hash"]:
-            reasons.append(
-                f"data {data_path} changed ({row['data_hash'][:12]} -> {data_now[data_path][:12]})"
-            )
-        for item in filter(None, row["model_sha256"].split(";")):
-            model_path, expected = item.rsplit("=", 1)
-            if model_path not in model_now:
-                model_now[model_path] = (
-                    file_sha256(Path(model_path)) if Path(model_path).is_file() else "missing"
-                )
-            if model_now[model_path] != expected:
-                reasons.append(f"model {model_path} changed")
-        if reasons:
-            changed_units.add((row["dataset"], row["architecture"]))
-            problems.append(_describe(i, row, reasons))
-            flagged.add(i)
-    # A Δ_MTL row depends on its architecture's models and on STL's.
-    for i, row in enumerate(rows, start=2):
-        if (
-            i not in flagged
-            and row["row_type"] == "delta_mtl"
-            and (
-                (row["dataset"], row["architecture"]) in changed_units
-                or (row["dataset"], "stl") in changed_units
-            )
-        ):
-            problems.append(_describe(i, row, ["depends on changed models or data"]))
-    ok = len(rows) - len(problems)
-    for line in problems:
-        print(f"CHANGED {line}")
-    print(f"{summary}: {ok} of {len(rows)} rows unchanged")
-    return 1 if problems else 0
-
-
-def _describe(line: int, row: dict[str, str], reasons: list[str]) -> str:
-    what = f"{row['dataset']}/{row['architecture']}/seed {row['seed']}/{row['task']}/{row['metric']}"
-    return f"line {line}: {what}: " + "; ".join(dict.fromkeys(reasons))

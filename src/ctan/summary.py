@@ -7,8 +7,10 @@ Rows:
   Δ computed against the STL run of the same seed, on each task's primary metrics only (``in_delta``
   marks them among the metric rows; HD95 and the like are reported, not averaged in).
 Every row carries the data hash (DVC's md5 of the preprocessed folder, as in dvc.lock), its content
-hash, the source archive's SHA-256, the code version, the parameters
-hash, the MLflow run id(s) and the model files' hashes, which `ctan audit` re-checks.
+hash, the raw folder and the source archive's SHA-256, the code version, the parameters
+hash, the MLflow run id(s), the model files' hashes, and the SHA-256 of every metrics.json the row was
+computed from (its own and STL's; for Δ_MTL every seed's). `ctan audit` re-checks all of them and
+recomputes every row from those files with `dataset_rows`, the same code that wrote them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 
 from ctan.config import dataset_settings, params_hash
 from ctan.errors import CtanError
-from ctan.provenance import dvc_md5
-from ctan.training.setup import primary_metrics, results_dir
+from ctan.provenance import dvc_md5, file_sha256
+from ctan.training.setup import run_dir
 
 COLUMNS = [
     "row_type",
@@ -43,6 +45,7 @@ COLUMNS = [
     "data_hash",
     "data_content_hash",
     "data_path",
+    "raw_path",
     "source_sha256",
     "git_commit",
     "git_dirty",
@@ -50,97 +53,143 @@ COLUMNS = [
     "hyperparameters",
     "mlflow_run_id",
     "model_sha256",
+    "results_path",
+    "metrics_sha256",
 ]
 
 
 def summarize(params: dict[str, Any], output: Path) -> Path:
-    from ctan.metrics.mtl import delta_mtl, relative_change
-
     run = params["run"]
     if "stl" not in run["architectures"]:
         raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
     rows: list[dict[str, Any]] = []
     for dataset in run["datasets"]:
         settings = dataset_settings(params, dataset)
-        p_hash = params_hash(
-            {"data": settings.data_section, "training": settings.training, "model": settings.model}
-        )
-        data_md5 = dvc_md5(settings.preprocessed_dir)
-        primary = primary_metrics(settings)
+        where = {
+            "data_hash": dvc_md5(settings.preprocessed_dir),
+            "data_path": str(settings.preprocessed_dir),
+            "raw_path": str(settings.raw_dir),
+            "results_path": str(settings.results_dir),
+            "params_hash": params_hash(
+                {"data": settings.data_section, "training": settings.training, "model": settings.model}
+            ),
+        }
         docs = {}
         for arch in run["architectures"]:
             for seed in run["seeds"]:
-                path = results_dir(settings, arch, seed) / "metrics.json"
+                path = metrics_path(settings.results_dir, arch, seed)
                 if not path.is_file():
                     raise CtanError(
                         path, f"missing; run `ctan evaluate --dataset {dataset} --arch {arch} --seed {seed}`"
                     )
-                docs[arch, seed] = json.loads(path.read_text())
-        for arch in run["architectures"]:
-            deltas = []
-            for seed in run["seeds"]:
-                doc, stl = docs[arch, seed], docs["stl", seed]
-                prov = doc["provenance"]
-                common = {
-                    "dataset": dataset,
-                    "architecture": arch,
-                    "data_hash": data_md5,
-                    "data_content_hash": prov["data_hash"],
-                    "data_path": str(settings.preprocessed_dir),
-                    "source_sha256": prov.get("source_sha256") or "",
-                    "git_commit": prov["git_commit"],
-                    "git_dirty": prov["git_dirty"],
-                    "params_hash": p_hash,
-                    "hyperparameters": hyperparameters_text(prov.get("tuning")),
-                    "mlflow_run_id": ";".join(f"{k}={v}" for k, v in sorted(prov["mlflow_run_ids"].items())),
-                    "model_sha256": ";".join(f"{k}={v}" for k, v in sorted(prov["model_sha256"].items())),
-                }
-                for task, metrics in doc["tasks"].items():
-                    for metric, value in metrics.items():
-                        hib = doc["higher_is_better"][task][metric]
-                        ref = stl["tasks"][task][metric]
-                        rows.append(
-                            {
-                                **common,
-                                "row_type": "metric",
-                                "seed": seed,
-                                "task": task,
-                                "metric": metric,
-                                "value": value,
-                                "n_seeds": 1,
-                                "higher_is_better": hib,
-                                "stl_value": ref,
-                                "relative_change_pct": relative_change(value, ref, hib),
-                                "in_delta": metric in primary.get(task, ()),
-                            }
-                        )
-                deltas.append(delta_mtl(doc["tasks"], stl["tasks"], doc["higher_is_better"], primary))
-                last_common = common
-            finite = [d for d in deltas if math.isfinite(d)]
-            rows.append(
-                {
-                    **last_common,
-                    "row_type": "delta_mtl",
-                    "seed": "all",
-                    "task": "all",
-                    "metric": "delta_mtl_pct",
-                    "value": float(np.mean(finite)) if finite else float("nan"),
-                    "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,
-                    "n_seeds": len(finite),
-                    "higher_is_better": True,
-                    "mlflow_run_id": "",
-                    "model_sha256": "",
-                }
-            )
+                docs[arch, seed] = path, json.loads(path.read_text())
+        rows += dataset_rows(dataset, run["architectures"], run["seeds"], docs, where)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: _fmt(row.get(c, "")) for c in COLUMNS})
+            writer.writerow(format_row(row))
     tmp.replace(output)
     return output
+
+
+def metrics_path(results_root: Path, arch: str, seed: int) -> Path:
+    """The metrics.json of one evaluation under a dataset's results folder."""
+    return run_dir(Path(results_root), arch, seed) / "metrics.json"
+
+
+def dataset_rows(
+    dataset: str,
+    architectures: list[str],
+    seeds: list[int],
+    docs: dict[tuple[str, int], tuple[Path, dict[str, Any]]],
+    where: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One dataset's rows from its metrics.json documents ``{(arch, seed): (path, doc)}``.
+
+    ``where`` holds what the documents do not: data_hash, data_path, raw_path, results_path, params_hash.
+    """
+    from ctan.metrics.mtl import delta_mtl, relative_change
+
+    rows: list[dict[str, Any]] = []
+    digests = {key: file_sha256(path) for key, (path, _) in docs.items()}
+
+    def behind(*keys: tuple[str, int]) -> str:
+        return ";".join(f"{docs[k][0]}={digests[k]}" for k in dict.fromkeys(keys))
+
+    for arch in architectures:
+        deltas = []
+        for seed in seeds:
+            doc, stl = docs[arch, seed][1], docs["stl", seed][1]
+            prov = doc["provenance"]
+            primary = primary_of(doc)
+            common = {
+                "dataset": dataset,
+                "architecture": arch,
+                "data_hash": where["data_hash"],
+                "data_content_hash": prov["data_hash"],
+                "data_path": where["data_path"],
+                "raw_path": where["raw_path"],
+                "source_sha256": prov.get("source_sha256") or "",
+                "git_commit": prov["git_commit"],
+                "git_dirty": prov["git_dirty"],
+                "params_hash": where["params_hash"],
+                "hyperparameters": hyperparameters_text(prov.get("tuning")),
+                "mlflow_run_id": ";".join(f"{k}={v}" for k, v in sorted(prov["mlflow_run_ids"].items())),
+                "model_sha256": ";".join(f"{k}={v}" for k, v in sorted(prov["model_sha256"].items())),
+                "results_path": where["results_path"],
+                "metrics_sha256": behind((arch, seed), ("stl", seed)),
+            }
+            for task, metrics in doc["tasks"].items():
+                for metric, value in metrics.items():
+                    hib = doc["higher_is_better"][task][metric]
+                    ref = stl["tasks"][task][metric]
+                    rows.append(
+                        {
+                            **common,
+                            "row_type": "metric",
+                            "seed": seed,
+                            "task": task,
+                            "metric": metric,
+                            "value": value,
+                            "n_seeds": 1,
+                            "higher_is_better": hib,
+                            "stl_value": ref,
+                            "relative_change_pct": relative_change(value, ref, hib),
+                            "in_delta": metric in primary[task],
+                        }
+                    )
+            deltas.append(delta_mtl(doc["tasks"], stl["tasks"], doc["higher_is_better"], primary))
+            last_common = common
+        finite = [d for d in deltas if math.isfinite(d)]
+        rows.append(
+            {
+                **last_common,
+                "row_type": "delta_mtl",
+                "seed": "all",
+                "task": "all",
+                "metric": "delta_mtl_pct",
+                "value": float(np.mean(finite)) if finite else float("nan"),
+                "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,
+                "n_seeds": len(finite),
+                "higher_is_better": True,
+                "mlflow_run_id": "",
+                "model_sha256": "",
+                "metrics_sha256": behind(*((a, seed) for seed in seeds for a in (arch, "stl"))),
+            }
+        )
+    return rows
+
+
+def primary_of(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """The metrics of each task that enter Δ_MTL, as `ctan evaluate` recorded them from the task records."""
+    if "primary_metrics" not in doc:
+        raise CtanError(
+            None, "a metrics.json without primary_metrics predates them; run `ctan evaluate` again"
+        )
+    return doc["primary_metrics"]
 
 
 def hyperparameters_text(tuning: dict[str, Any] | None) -> str:
@@ -156,6 +205,11 @@ def hyperparameters_text(tuning: dict[str, Any] | None) -> str:
         values = ",".join(f"{k}={v:g}" for k, v in record["chosen"].items())
         parts.append(f"{network}:{values}@{record['validation_score']:.3g}")
     return ";".join(parts)
+
+
+def format_row(row: dict[str, Any]) -> dict[str, str]:
+    """A row as summary.csv holds it: every column, numbers to 6 significant digits."""
+    return {c: "" if row.get(c) is None else str(_fmt(row.get(c, ""))) for c in COLUMNS}
 
 
 def _fmt(value: Any) -> Any:

@@ -62,6 +62,9 @@ RAW, PREPROCESSED, MODELS, RESULTS = (PATHS[k] for k in ("raw", "preprocessed", 
 RUN = config["run"]
 LOGS = "logs"
 
+# Names become folder names: the schema admits only plain identifiers as dataset names (as the CLI
+# does; ctan.workspace), and each wildcard matches exactly the configured names, so no `..` or `/`
+# can reach a path. Seeds are non-negative integers.
 wildcard_constraints:
     dataset="|".join(re.escape(name) for name in config["datasets"]),
     arch="|".join(ARCHITECTURES),
@@ -129,7 +132,8 @@ def tuning_choice(wildcards) -> list[str]:
 
 
 def evaluate_settings(wildcards) -> dict:
-    return {"tasks": list(settings(wildcards.dataset).tasks)}
+    s = settings(wildcards.dataset)
+    return {"tasks": list(s.tasks), "primary_metrics": s.primary_metrics}
 
 
 def trained_models(wildcards) -> list[str]:

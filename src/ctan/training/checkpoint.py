@@ -1,4 +1,9 @@
-"""Checkpoints that resume exactly and load with `torch.load(weights_only=True)`."""
+"""Checkpoints that resume exactly and load with `torch.load(weights_only=True)`.
+
+A trained model (``model.pt``) gets a ``model.pt.sha256`` beside it, in `sha256sum` format, written
+when it is saved; `verify` refuses a model whose bytes no longer match it (`ctan evaluate` calls it
+before loading, so a damaged model is never scored and its new hash never recorded).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ctan.errors import CtanError
+from ctan.provenance import file_sha256
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -19,3 +27,45 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def save_model(obj: dict[str, Any], path: Path) -> str:
+    """`save_atomic`, plus the file's SHA-256 beside it (``<name>.sha256``); returns the digest.
+
+    The digest is taken from the bytes about to be renamed into place and written first, so a model and
+    its digest never disagree unless one of them changed afterwards (or a kill fell between the two
+    renames, which `verify` then reports like any damage).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    digest = file_sha256(tmp)
+    record = digest_path(path)
+    record_tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    record_tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(record_tmp, record)
+    os.replace(tmp, path)
+    return digest
+
+
+def verify(path: Path) -> str:
+    """The model's SHA-256 if it matches the one recorded when it was trained; CtanError otherwise."""
+    record = digest_path(path)
+    if not record.is_file():
+        raise CtanError(
+            path, f"no recorded SHA-256 ({record.name} is missing); retrain it (snakemake --forcerun {path})"
+        )
+    expected = (record.read_text().split() or [""])[0]
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CtanError(
+            path,
+            f"SHA-256 {actual[:12]}… differs from {expected[:12] or '(empty)'}… recorded in {record.name} "
+            f"when it was trained: the file changed since; refusing to load it; retrain it "
+            f"(snakemake --forcerun {path})",
+        )
+    return actual

@@ -10,6 +10,7 @@ from typing import Any
 from ctan.config import DatasetSettings
 from ctan.errors import CtanError
 from ctan.tasks import Task
+from ctan.workspace import inside
 
 
 def read_manifest(settings: DatasetSettings) -> dict[str, Any]:
@@ -62,27 +63,17 @@ def _primary_override(settings: DatasetSettings, task: Task) -> tuple[str, ...]:
     return chosen
 
 
-def primary_metrics(settings: DatasetSettings) -> dict[str, tuple[str, ...]]:
-    """``{task: metrics entering Δ_MTL}``: the task records' choice, or the dataset entry's override."""
-    from ctan.datasets import get_reader
-
-    reader = get_reader(settings.format)
-    out = {}
-    for name in settings.tasks:
-        task = reader.TASKS[name]
-        out[name] = (
-            _primary_override(settings, task) if name in settings.primary_metrics else task.primary_metrics
-        )
-    return out
+def run_dir(root: Path, arch: str, seed: int, task: str | None = None) -> Path:
+    """``root/<arch>/seed<seed>[/<task>]``: where one job's files live, kept inside ``root``."""
+    return inside(root, arch, f"seed{seed}", *([task] if task else []))
 
 
 def model_dir(settings: DatasetSettings, arch: str, seed: int, task: str | None = None) -> Path:
-    out = settings.models_dir / arch / f"seed{seed}"
-    return out / task if task else out
+    return run_dir(settings.models_dir, arch, seed, task)
 
 
 def results_dir(settings: DatasetSettings, arch: str, seed: int) -> Path:
-    return settings.results_dir / arch / f"seed{seed}"
+    return run_dir(settings.results_dir, arch, seed)
 
 
 def task_to_dict(task: Task) -> dict[str, Any]:

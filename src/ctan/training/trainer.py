@@ -347,7 +347,7 @@ def train(
             "config_hash": config_hash,
             "data_hash": manifest["data_hash"],
         }
-        checkpoint.save_atomic(final, out / "model.pt")
+        checkpoint.save_model(final, out / "model.pt")
         (out / "history.json").write_text(
             json.dumps({"epochs": history, "best_epoch": best["epoch"]}, indent=1)
         )

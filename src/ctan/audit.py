@@ -1,0 +1,297 @@
+"""`ctan audit`: is every number in a summary still what the files behind it give?
+
+For each row of ``results/summary.csv`` (written by `ctan summarize`) the audit
+
+- recomputes the row from the metrics.json files it names, with `ctan.summary.dataset_rows` (the code
+  that wrote it), and compares every column;
+- re-hashes those metrics.json files (``metrics_sha256``), the models each of them was computed from
+  (their ``provenance.model_sha256``), the preprocessed folder (``data_hash``, DVC's md5) and the raw
+  folder: every file against the ``source.json`` that `ctan download` wrote, every case's source files
+  against the preprocessed manifest, and the source digest against ``source_sha256``.
+
+It prints ``CHANGED line N: ...`` for every row affected, then ``FILE <path>: <problem>`` for each
+changed file with the summary lines it is behind, and a ``REBUILD`` command. Snakemake decides by
+modification times and does not look inside folder outputs, so after in-place damage it reports
+"Nothing to be done": the command forces the damaged outputs (``--forcerun``), and Snakemake reruns
+everything downstream of them. A raw folder that is absent altogether (raw data are often not shared)
+is reported as ``NOT CHECKED`` rather than changed. Exit status: 0 if nothing changed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctan.errors import CtanError
+from ctan.provenance import dvc_md5, file_sha256
+
+_MISSING = "missing"
+
+
+@dataclass
+class Damage:
+    """One changed file: what is wrong, which output to rebuild, and the summary lines behind it."""
+
+    problems: list[str]
+    target: str
+    lines: set[int] = field(default_factory=set)
+
+
+class _Audit:
+    def __init__(self, summary: Path, rows: list[dict[str, str]]) -> None:
+        self.summary = summary
+        self.rows = rows
+        self.reasons: dict[int, list[str]] = {}
+        self.damage: dict[str, Damage] = {}
+        self.notes: list[str] = []
+        self._sha: dict[str, str] = {}
+
+    def sha256(self, path: str) -> str:
+        if path not in self._sha:
+            self._sha[path] = file_sha256(Path(path)) if Path(path).is_file() else _MISSING
+        return self._sha[path]
+
+    def flag(self, file: str | None, problem: str, target: str, lines: Iterable[int], reason: str) -> None:
+        """Record a changed ``file`` (None: only a consequence of one) and the ``reason`` on each line."""
+        damage = self.damage.setdefault(file, Damage([], target)) if file else None
+        if damage is not None and problem not in damage.problems:
+            damage.problems.append(problem)
+        for line in lines:
+            if damage is not None:
+                damage.lines.add(line)
+            self.reasons.setdefault(line, [])
+            if reason not in self.reasons[line]:
+                self.reasons[line].append(reason)
+
+    def by(self, column: str) -> dict[str, list[int]]:
+        """{value of ``column``: summary lines}, in order of appearance."""
+        out: dict[str, list[int]] = {}
+        for line, row in self.numbered():
+            out.setdefault(row[column], []).append(line)
+        return out
+
+    def numbered(self) -> Iterable[tuple[int, dict[str, str]]]:
+        return enumerate(self.rows, start=2)  # line 1 is the header
+
+    # --- the files behind the rows ---------------------------------------------------------------------
+
+    def check_data(self) -> None:
+        for data_path, lines in self.by("data_path").items():
+            now = dvc_md5(Path(data_path)) if Path(data_path).is_dir() else _MISSING
+            recorded = {self.rows[i - 2]["data_hash"] for i in lines}
+            if {now} != recorded:
+                was = ", ".join(sorted(h[:12] for h in recorded))
+                problem = f"content changed (DVC md5 {was} -> {now[:12]}){_arrays_changed(data_path)}"
+                self.flag(data_path, problem, data_path, lines, f"data {data_path} changed")
+
+    def check_raw(self) -> None:
+        from ctan.fetch import SOURCE_JSON, hash_tree
+        from ctan.manifest import MANIFEST
+
+        for raw_path, lines in self.by("raw_path").items():
+            raw = Path(raw_path)
+            reason = f"raw sources in {raw_path} changed"
+            if not raw.exists():
+                self.notes.append(f"NOT CHECKED {raw_path}: absent, so the raw sources were not re-hashed")
+                continue
+            marker = raw / SOURCE_JSON
+            try:
+                record = json.loads(marker.read_text())
+                recorded = dict(record["files"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self.flag(str(marker), "missing or unreadable", raw_path, lines, reason)
+                continue
+            sources = {self.rows[i - 2]["source_sha256"] for i in lines} - {""}
+            if sources and sources != {record.get("sha256")}:
+                had = str(record.get("sha256"))[:12]
+                problem = f"records source SHA-256 {had}…, the summary {', '.join(sorted(sources))}"
+                self.flag(str(marker), problem, raw_path, lines, reason)
+            _, now = hash_tree(raw)
+            now.pop(SOURCE_JSON, None)
+            expected = dict(recorded)
+            for data_path in {self.rows[i - 2]["data_path"] for i in lines}:
+                try:
+                    manifest = json.loads((Path(data_path) / MANIFEST).read_text())
+                    for case in manifest["cases"]:
+                        # Sources read from outside the raw folder (absolute) are not its to check.
+                        expected.update(
+                            (rel, sha) for rel, sha in case["sources"].items() if not Path(rel).is_absolute()
+                        )
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass  # a damaged data folder is reported by check_data
+            for rel in sorted(set(expected) | set(now)):
+                if rel not in now:
+                    problem = "missing"
+                elif rel not in expected:
+                    problem = "not part of the download (added since)"
+                elif now[rel] != expected[rel]:
+                    problem = f"SHA-256 changed ({expected[rel][:12]} -> {now[rel][:12]})"
+                else:
+                    continue
+                self.flag(str(raw / rel), problem, raw_path, lines, reason)
+
+    def check_metrics_and_models(self) -> None:
+        for line, row in self.numbered():
+            behind = _pairs(row["metrics_sha256"])
+            models = _pairs(row["model_sha256"])
+            for path, recorded in behind.items():
+                now = self.sha256(path)
+                if now != recorded:
+                    problem = (
+                        "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
+                    )
+                    self.flag(path, problem, path, [line], f"{path} changed")
+                try:
+                    models.update(json.loads(Path(path).read_text())["provenance"]["model_sha256"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass  # reported above as changed or missing
+            for path, recorded in models.items():
+                now = self.sha256(path)
+                if now != recorded:
+                    problem = (
+                        "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
+                    )
+                    self.flag(path, problem, path, [line], f"model {path} changed")
+
+    # --- the numbers ----------------------------------------------------------------------------------
+
+    def recompute(self) -> None:
+        """Rebuild each dataset's rows from its metrics.json files with the summary's own code."""
+        from ctan.summary import COLUMNS, dataset_rows, format_row, metrics_path
+
+        key_columns = ("row_type", "dataset", "architecture", "seed", "task", "metric")
+        summary = str(self.summary)
+        for dataset, lines in self.by("dataset").items():
+            first = self.rows[lines[0] - 2]
+            archs = list(dict.fromkeys(self.rows[i - 2]["architecture"] for i in lines))
+            seeds = list(
+                dict.fromkeys(
+                    int(self.rows[i - 2]["seed"]) for i in lines if self.rows[i - 2]["row_type"] == "metric"
+                )
+            )
+            where = {
+                k: first[k] for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash")
+            }
+            docs: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
+            unreadable = []
+            for arch in archs:
+                for seed in seeds:
+                    path = metrics_path(Path(first["results_path"]), arch, seed)
+                    try:
+                        docs[arch, seed] = path, json.loads(path.read_text())
+                    except (OSError, ValueError):
+                        unreadable.append(str(path))
+            try:
+                if unreadable:
+                    raise KeyError(unreadable[0])
+                again = dataset_rows(dataset, archs, seeds, docs, where)
+            except (KeyError, TypeError, ValueError) as err:
+                self.notes.append(
+                    f"NOT RECOMPUTED rows of {dataset}: the files behind them do not give them ({err})"
+                )
+                for path in unreadable:
+                    self.flag(path, "missing or unreadable", path, lines, f"{path} unreadable")
+                continue
+            expected = {tuple(r[c] for c in key_columns): r for r in map(format_row, again)}
+            for i in lines:
+                row = self.rows[i - 2]
+                want = expected.pop(tuple(row[c] for c in key_columns), None)
+                if want is None:
+                    self.flag(
+                        summary, "holds rows the files behind it do not give", summary, [i], "no such row"
+                    )
+                    continue
+                # metrics_sha256 holds the files' current hashes here: compared in check_metrics_and_models.
+                diffs = [c for c in COLUMNS if c != "metrics_sha256" and row[c] != want[c]]
+                if diffs:
+                    said = ", ".join(f"{c} {row[c]} (the files give {want[c]})" for c in diffs)
+                    # Edited in summary.csv itself, unless a file behind the row changed (named already).
+                    edited = not any(self.damage.get(p) for p in _pairs(row["metrics_sha256"]))
+                    problem = "numbers differ from the files behind them"
+                    self.flag(summary if edited else None, problem, summary, [i], f"{summary}: {said}")
+            for key in expected:
+                self.flag(summary, "lacks the row " + "/".join(key), summary, [], "")
+
+    # --- the report -----------------------------------------------------------------------------------
+
+    def report(self) -> int:
+        for line in sorted(self.reasons):
+            print(f"CHANGED line {line}: {_what(self.rows[line - 2])}: " + "; ".join(self.reasons[line]))
+        for file, damage in self.damage.items():
+            where = f"; behind line(s) {_ranges(damage.lines)}" if damage.lines else ""
+            print(f"FILE {file}: {'; '.join(damage.problems)}{where}")
+        for note in self.notes:
+            print(note)
+        if self.damage:
+            targets = " ".join(dict.fromkeys(d.target for d in self.damage.values()))
+            print(
+                f"REBUILD: snakemake --cores 8 {self.summary} --forcerun {targets}"
+                " (Snakemake does not notice changes inside its outputs by itself; add the --configfile"
+                " you ran with) or: dvc repro summarize"
+            )
+        ok = len(self.rows) - len(self.reasons)
+        print(f"{self.summary}: {ok} of {len(self.rows)} rows unchanged")
+        return 1 if self.damage or self.reasons else 0
+
+
+def audit(summary: Path) -> int:
+    """Re-check every row of a summary (see the module docstring); 0 if all unchanged, 1 otherwise."""
+    from ctan.summary import COLUMNS
+
+    if not summary.is_file():
+        raise CtanError(summary, "not found; run `snakemake --cores 8 results/summary.csv` first")
+    with open(summary, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise CtanError(summary, "has no rows; rebuild it with `ctan summarize`")
+    missing = [c for c in COLUMNS if c not in rows[0]]
+    if missing:
+        raise CtanError(
+            summary,
+            f"not a summary this ctan can audit (no {', '.join(missing)} column); "
+            "rebuild it with `ctan summarize`",
+        )
+    check = _Audit(summary, rows)
+    check.check_raw()
+    check.check_data()
+    check.check_metrics_and_models()
+    check.recompute()
+    return check.report()
+
+
+def _arrays_changed(data_path: str) -> str:
+    """Which arrays differ from the manifest, when that can be told (else nothing)."""
+    from ctan.manifest import verify_stores
+
+    try:
+        arrays = verify_stores(Path(data_path))
+    except Exception:  # a store too damaged to open: the folder hash has said enough
+        return ""
+    if not arrays:
+        return ""
+    more = f" and {len(arrays) - 5} more" if len(arrays) > 5 else ""
+    return "; arrays changed: " + ", ".join(arrays[:5]) + more
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """``path=sha;path=sha`` as a dict."""
+    return dict(item.rsplit("=", 1) for item in filter(None, text.split(";")))
+
+
+def _what(row: dict[str, str]) -> str:
+    return f"{row['dataset']}/{row['architecture']}/seed {row['seed']}/{row['task']}/{row['metric']}"
+
+
+def _ranges(lines: Iterable[int]) -> str:
+    """2, 3, 4, 7 -> "2-4, 7"."""
+    out: list[list[int]] = []
+    for n in sorted(lines):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in out)

@@ -1,0 +1,44 @@
+"""Names that become folder names, and the one check that keeps every output path inside its folder.
+
+Dataset, task and architecture names are path components (``<paths.raw>/<dataset>``,
+``<paths.models>/<dataset>/<arch>/seed<n>/<task>``), so they must be plain identifiers: a letter, then
+letters, digits or ``_``. The schema (``params.schema.yaml``: ``datasets`` property names,
+``run.datasets``), the CLI and Snakemake's wildcard constraints all accept exactly `NAME_PATTERN`, and
+every output path the package builds from a name goes through `inside`, which refuses a path that
+resolves outside its configured folder (a ``..`` component, an absolute part, or a symbolic link that
+leads elsewhere).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ctan.errors import CtanError
+
+NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_]*"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` itself if it is a plain identifier; else CtanError naming the ``kind`` (dataset, task...)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise CtanError(
+            None,
+            f"{kind} name {name!r} is not a plain identifier "
+            "(a letter, then letters, digits or _; it becomes a folder name)",
+        )
+    return name
+
+
+def inside(root: str | Path, *parts: str) -> Path:
+    """``root / part / ...``, refused (CtanError) unless it resolves strictly inside ``root``.
+
+    The path is returned as built (relative stays relative), so messages and provenance read as before.
+    """
+    root = Path(root)
+    path = root.joinpath(*parts)
+    resolved, top = path.resolve(), root.resolve()
+    if resolved == top or not resolved.is_relative_to(top):
+        raise CtanError(path, f"resolves outside its configured folder {root}; refusing to write there")
+    return path
