@@ -123,7 +123,7 @@ def _ready(db: Path, experiments: list[str]) -> bool:
     if not db.is_file():
         return False
     try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as con:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
             marks = ",".join("?" * len(experiments))
             rows = con.execute(
                 f"SELECT experiment_id, artifact_location FROM experiments WHERE name IN ({marks})",
