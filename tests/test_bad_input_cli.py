@@ -298,3 +298,16 @@ def test_corrupt_nifti(tmp_path, capsys):
         return path
 
     corrupt_then_preprocess(tmp_path, capsys, "nifti_cases", corrupt)
+
+
+def test_probability_mask_nifti(tmp_path, capsys):
+    def corrupt(folder):
+        import nibabel as nib
+
+        path = first(folder, "PTV.nii.gz")
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(image.get_fdata(dtype="float32") * 0.3, image.affine), path)
+        return path
+
+    line = corrupt_then_preprocess(tmp_path, capsys, "nifti_cases", corrupt)
+    assert "not a binary mask" in line and "0.3" in line

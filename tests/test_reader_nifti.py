@@ -208,3 +208,55 @@ def test_no_cases_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CtanError, match="no case folders") as err:
         nifti_cases.list_cases(tmp_path)
     assert_names(err, "cases")
+
+
+@pytest.mark.parametrize("value", [0.3, 255])
+@pytest.mark.parametrize("name", ["masks/PTV", "possible_dose_mask"])
+def test_non_binary_mask_is_refused(tiny: Path, name: str, value: float) -> None:
+    """A probability map (0.3) or a 0/255 mask is refused, not thresholded into an empty structure."""
+    mask = np.zeros((6, 5, 4), np.float32)
+    mask[1:5, 1:4, 1:3] = value
+    path = tiny / "cases" / "b" / f"{name}.nii.gz"
+    save(path, mask, AFFINE)
+    with pytest.raises(CtanError, match=f"not a binary mask.*{value:g}.*> 0.5") as err:
+        nifti_cases.read_case(tiny, CaseRef("b", "train"))
+    assert_names(err, path.name)
+
+
+def test_empty_mask_is_marked_absent(tiny: Path) -> None:
+    save(tiny / "cases" / "b" / "masks" / "PTV.nii.gz", np.zeros((6, 5, 4), np.uint8), AFFINE)
+    assert nifti_cases.read_case(tiny, CaseRef("b", "train")).structure_present == (False,)
+    assert nifti_cases.read_case(tiny, CaseRef("a", "train")).structure_present == (True,)
+
+
+def test_sheared_affine_is_refused(tiny: Path) -> None:
+    """Every file of the case sheared alike: they agree with each other, but the grid is not orthogonal."""
+    sheared = AFFINE.copy()
+    sheared[0, 1] = 0.5  # the second voxel axis leans along x
+    folder = tiny / "cases" / "c"
+    for path in [folder / "ct.nii.gz", folder / "dose.nii.gz", folder / "masks" / "PTV.nii.gz"]:
+        save(path, np.asarray(nib.load(path).dataobj), sheared)
+    with pytest.raises(CtanError, match="sheared.*resample") as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "ct.nii.gz")
+
+
+def test_oblique_but_orthogonal_affine_is_kept(tiny: Path) -> None:
+    """A rotated (oblique) grid is fine: its direction is stored as a rotation."""
+    angle = np.deg2rad(10)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    oblique = AFFINE.copy()
+    oblique[:3, :3] = rotation @ AFFINE[:3, :3]
+    folder = tiny / "cases" / "c"
+    for path in [folder / "ct.nii.gz", folder / "dose.nii.gz", folder / "masks" / "PTV.nii.gz"]:
+        save(path, np.asarray(nib.load(path).dataobj), oblique)
+    direction = np.asarray(nifti_cases.read_case(tiny, CaseRef("c", "train")).direction).reshape(3, 3)
+    np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dose", "possible_dose_mask"])
+def test_shape_mismatch_with_the_ct_is_refused(tiny: Path, name: str) -> None:
+    save(tiny / "cases" / "b" / f"{name}.nii.gz", np.zeros((6, 5, 3), np.uint8), AFFINE)
+    with pytest.raises(CtanError, match=r"shape \(6, 5, 3\) differs from the CT's \(6, 5, 4\)") as err:
+        nifti_cases.read_case(tiny, CaseRef("b", "train"))
+    assert_names(err, f"{name}.nii.gz")

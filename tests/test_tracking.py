@@ -1,41 +1,184 @@
-"""MLflow: the store is created once, then many jobs at once each record their run (issue 5, #4)."""
+"""MLflow store: safe to create from parallel jobs, artifacts inside the workspace, one-line errors."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-from ctan.tracking import init_tracking
+import pytest
 
-JOB = """
+from ctan import tracking
+from ctan.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_in_env(monkeypatch):
+    """MLflow exports the URI it is given to MLFLOW_TRACKING_URI (which wins over params.yaml): undo it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
+def _params(uri: str) -> dict:
+    return {"mlflow": {"tracking_uri": uri, "experiment": "test"}}
+
+
+def _locations(db: Path) -> tuple[list, list]:
+    with sqlite3.connect(db) as con:
+        experiments = con.execute("SELECT name, artifact_location FROM experiments ORDER BY name").fetchall()
+        runs = con.execute("SELECT artifact_uri FROM runs").fetchall()
+    return experiments, [r[0] for r in runs]
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def _init_in(workspace: str, barrier, results) -> None:
+    os.chdir(workspace)
+    barrier.wait()
+    try:
+        tracking.init_tracking(_params("sqlite:///mlflow.db"))
+        results.put("ok")
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        results.put(f"{type(err).__name__}: {str(err)[:200]}")
+
+
+def test_parallel_jobs_create_a_fresh_store_safely(tmp_path, monkeypatch):
+    """Four jobs at once on a new SQLite store, without `ctan init-tracking` first: none crashes."""
+    pytest.importorskip("mlflow")
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - imported once; the forked jobs start at once
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    jobs = [ctx.Process(target=_init_in, args=(str(tmp_path), barrier, results)) for _ in range(4)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert [job.exitcode for job in jobs] == [0] * 4
+    assert sorted(results.get(timeout=5) for _ in jobs) == ["ok"] * 4
+    experiments, _ = _locations(tmp_path / "mlflow.db")
+    assert experiments == [("Default", "mlruns/0"), ("test", "mlruns/1")]
+
+
+def test_unusable_store_is_one_line(tmp_path, capsys, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database, " * 200)
+    override = tmp_path / "override.yaml"
+    override.write_text(f"mlflow:\n  tracking_uri: sqlite:///{db}\n  experiment: test\n")
+    code = main(["init-tracking", "--params", str(REPO / "params.yaml"), "--params", str(override)])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"ctan: error: {db}: cannot open the MLflow store")
+
+
+def test_a_held_lock_times_out_with_one_line(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    monkeypatch.setattr(tracking, "LOCK_TIMEOUT_S", 0.2)
+    db = tmp_path / "mlflow.db"
+    with FileLock(f"{db}.lock"), pytest.raises(tracking.CtanError, match="another job") as err:
+        tracking.init_tracking(_params(f"sqlite:///{db}"))
+    assert err.value.path == f"{db}.lock"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """An initialised store (creating one runs MLflow's migrations: seconds), copied by the tests below.
+
+    Its locations are absolute, under the template's own mlruns/: "another checkout" for the tests.
+    """
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+        tracking.init_tracking(_params(f"sqlite:///{db}"))
+    assert _locations(db)[0] == [("Default", f"{db.parent}/mlruns/0"), ("test", f"{db.parent}/mlruns/1")]
+    return db
+
+
+def _seed(template: Path, workspace: Path, run: bool = False) -> str | None:
+    """Copy the template store into a workspace; optionally add a run the way MLflow alone would."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, workspace / "mlflow.db")
+    if not run:
+        return None
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", "unset")
+        mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+        with mlflow.start_run(experiment_id="1") as active:
+            return active.info.run_id
+
+
+def test_absolute_store_keeps_artifacts_beside_it(tmp_path, monkeypatch, template):
+    """An absolute database path: artifacts beside it, whatever the working directory."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "store"
+    _seed(template, store)
+    params = _params(f"sqlite:///{store / 'mlflow.db'}")
+    (tmp_path / "a.txt").write_text("x")
+    with tracking.training_run(params, "r", {}) as run:
+        tracking.log_artifact(str(tmp_path / "a.txt"))
+    assert _files(store / "mlruns") == {f"1/{run.info.run_id}/artifacts/a.txt"}
+    assert not any(elsewhere.iterdir()) and not (template.parent / "mlruns").exists()
+
+
+def test_store_copied_from_elsewhere_is_relocated(tmp_path, template):
+    """Locations pointing into another checkout's mlruns/ (as MLflow writes them) move, runs included."""
+    copy = tmp_path / "copy"
+    run_id = _seed(template, copy, run=True)
+    assert _locations(copy / "mlflow.db")[1] == [f"{template.parent}/mlruns/1/{run_id}/artifacts"]
+    tracking.init_tracking(_params(f"sqlite:///{copy / 'mlflow.db'}"))
+    experiments, runs = _locations(copy / "mlflow.db")
+    assert experiments == [("Default", f"{copy}/mlruns/0"), ("test", f"{copy}/mlruns/1")]
+    assert runs == [f"{copy}/mlruns/1/{run_id}/artifacts"]
+
+
+SCRIPT = """
 import sys
-from ctan.tracking import log_metrics, training_run
-params = {"mlflow": {"tracking_uri": sys.argv[1], "experiment": "parallel"}}
-with training_run(params, f"job{sys.argv[2]}", {"job": sys.argv[2]}):
-    log_metrics({"loss": float(sys.argv[2])}, step=1)
+from pathlib import Path
+from ctan import tracking
+params = {"mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "test"}}
+Path("a.txt").write_text("x")
+with tracking.existing_run(params, sys.argv[1]):
+    tracking.log_artifact("a.txt", artifact_path="evaluation")
+with tracking.training_run(params, "r", {}) as run:
+    tracking.log_artifact("a.txt")
+print(run.info.run_id)
 """
 
 
-def test_eight_jobs_at_once_all_record_their_runs(tmp_path: Path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    init_tracking({"mlflow": {"tracking_uri": uri, "experiment": "parallel"}})  # Snakemake's onstart
-    jobs = [
-        subprocess.Popen([sys.executable, "-c", JOB, uri, str(i)], stderr=subprocess.PIPE, text=True)
-        for i in range(8)
-    ]
-    errors = [job.communicate(timeout=300)[1] for job in jobs]
-    assert all(job.returncode == 0 for job in jobs), errors
-    with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        runs = db.execute("SELECT status FROM runs").fetchall()
-        losses = db.execute("SELECT COUNT(*) FROM metrics WHERE key = 'loss'").fetchone()[0]
-    assert [s for (s,) in runs] == ["FINISHED"] * 8 and losses == 8
+def test_a_copied_workspace_is_independent(tmp_path, template):
+    """The default store, ``sqlite:///mlflow.db``: a copied checkout logs into its own mlruns/.
 
-
-def test_environment_overrides_the_configured_store(tmp_path: Path, monkeypatch):
-    from ctan.tracking import tracking_uri
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    assert tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "http://mlflow.example:5000"
+    The store records relative locations, so the copy's runs, old and new, write beside the copy's
+    database and nothing is written into the checkout it was copied from.
+    """
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    old_run = _seed(template, original, run=True)
+    shutil.copytree(original, copy)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, old_run], cwd=copy, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    new_run = done.stdout.split()[-1]
+    assert _files(copy / "mlruns") == {
+        f"1/{old_run}/artifacts/evaluation/a.txt",
+        f"1/{new_run}/artifacts/a.txt",
+    }
+    assert _files(original) == {"mlflow.db"} and not (template.parent / "mlruns").exists()
+    experiments, runs = _locations(copy / "mlflow.db")
+    assert experiments == [("Default", "mlruns/0"), ("test", "mlruns/1")]
+    assert sorted(runs) == sorted(f"mlruns/1/{r}/artifacts" for r in (old_run, new_run))

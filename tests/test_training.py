@@ -147,3 +147,43 @@ def test_task_flag_is_only_for_stl(prepared, capsys):
         + ["--dataset", "ham10000_demo", "--arch", "hps", "--seed", "0", "--task", "lesion"]
     )
     assert code == 2 and "--task is for --arch stl only" in capsys.readouterr().err
+
+
+def test_a_finished_run_retrains_and_logs_each_epoch(prepared, capsys):
+    """`snakemake -f` deletes model.pt and reruns: the finished checkpoint must not be resumed.
+
+    Under a batch system stderr is not a terminal: each epoch writes one line (as it does here).
+    """
+    params = _params(prepared, 2)
+    out = train(params, "ham10000_demo", "mtan", 0)[0]
+    first = capsys.readouterr()
+    assert "resuming" not in first.out
+    lines = [line for line in first.err.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    parts = ["train loss", "val loss", "lesion ", "diagnosis ", "lesion/dice", "diagnosis/accuracy", "step"]
+    assert all(part in lines[0] for part in parts), lines[0]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+
+    (out / "model.pt").unlink()  # what a forced rerun does before the job starts
+    train(params, "ham10000_demo", "mtan", 0)
+    second = capsys.readouterr()
+    assert f"{out / 'checkpoint.pt'}: its run has finished (epoch 2 of 2)" in second.out
+    assert "resuming" not in second.out
+    assert len([line for line in second.err.splitlines() if line.startswith("epoch ")]) == 2
+    assert json.loads((out / "run.json").read_text())["run_id"] != run_id  # a new MLflow run
+
+
+def test_a_checkpoint_resumes_only_its_own_unfinished_run():
+    state = {"config_hash": "c", "code_hash": "k", "epoch": 2}
+    assert checkpoint.why_not_resume(state, "c", "k", epochs=5) is None
+    assert "parameters or data changed" in checkpoint.why_not_resume(state, "other", "k", epochs=5)
+    assert "training code changed" in checkpoint.why_not_resume(state, "c", "edited", epochs=5)
+    assert "training code changed" in checkpoint.why_not_resume({**state, "code_hash": None}, "c", "k", 5)
+    assert "finished" in checkpoint.why_not_resume(state, "c", "k", epochs=2)
+
+
+def test_training_code_hash_covers_what_snakemake_reruns_train_for():
+    """The files hashed are the ones whose edit reruns `train` in Snakemake (common.smk's STAGE_CODE)."""
+    listed = ", ".join(f'"{entry}"' for entry in checkpoint.TRAINING_CODE)
+    assert f'"train": [{listed}]' in (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert checkpoint.code_hash() == checkpoint.code_hash()

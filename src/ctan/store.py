@@ -1,14 +1,22 @@
-"""Preprocessed Zarr stores: one sharded Zarr v3 store per split, one OME-NGFF-style image group per case.
+"""Preprocessed Zarr stores: one sharded Zarr v3 store per split, one OME-Zarr 0.5 image per case.
 
 Layout of ``<preprocessed>/<dataset>/<split>.zarr``::
 
     zarr.json                 attrs: ctan = {dataset, format, split, spatial_dims, case_ids,
                                             structure_names, class_names, tasks, intensity}
-    <case_id>/                group; attrs: ome = {version, multiscales: [...]} (axes c,z,y,x in mm),
-                              ctan = {spacing, origin, direction, labels, structure_present,
-                                      source_shape, source_spacing, source_origin, source_direction}
+    <case_id>/                OME-Zarr image; attrs: ome = {version, multiscales: [image, <float targets>]}
+                              (axes c,z,y,x or c,y,x, in mm), ctan = {spacing, origin, direction, labels,
+                              structure_present, source_shape, source_spacing, source_origin,
+                              source_direction}
     <case_id>/image           (C, *spatial): CT in HU float32, or RGB uint8
-    <case_id>/<dense target>  (C, *spatial): dose, possible_dose_mask, structures, lesion
+    <case_id>/<float target>  (C, *spatial): dose in Gy, a further multiscale of the same image
+    <case_id>/labels/         OME-Zarr labels group: ome = {version, labels: [<integer targets>]}
+    <case_id>/labels/<name>/  OME-Zarr image-label (source ../../); its one level is the array ``0``:
+                              possible_dose_mask, structures, lesion (uint8 masks)
+
+Every array carries ``dimension_names`` equal to its axes, so the case groups validate as OME-Zarr 0.5
+images (``ome-zarr-models``; tests/test_store.py). Read arrays by name through `SplitStore`, which
+resolves a name to its path (stores written before ``labels/`` existed, all arrays flat, still read).
 
 Every array is written as a single shard (one file per array) because DVC is slow with many small
 files (see shared/notes/pitfalls.md); inner chunks keep partial reads cheap.
@@ -28,6 +36,8 @@ from zarr.codecs import BloscCodec
 from ctan.datasets.base import Case
 
 NGFF_VERSION = "0.5"
+LABELS = "labels"  # the OME-Zarr labels group of a case
+LEVEL = "0"  # the one resolution level of a label image
 # zstd-3 with byte shuffle: about 40 % less CPU than zstd-5 bitshuffle at a smaller size
 # (benchmarks/preprocess.py on the OpenKBP sample); compression dominates preprocessing time.
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -51,32 +61,50 @@ def _shards(shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(-(-s // c) * c for s, c in zip(shape, chunks, strict=True))
 
 
-def _ngff_multiscales(case: Case, names: list[str]) -> dict[str, Any]:
-    axis_names = ["z", "y", "x"][-len(case.spacing) :]
+def _axis_names(case: Case) -> list[str]:
+    return ["c", *["z", "y", "x"][-len(case.spacing) :]]
+
+
+def _multiscale(case: Case, name: str, path: str) -> dict[str, Any]:
+    """One single-level OME-Zarr multiscale: axes c + space (mm), scale and translation to world."""
     axes = [{"name": "c", "type": "channel"}] + [
-        {"name": n, "type": "space", "unit": "millimeter"} for n in axis_names
+        {"name": n, "type": "space", "unit": "millimeter"} for n in _axis_names(case)[1:]
     ]
     transforms = [{"type": "scale", "scale": [1.0, *map(float, case.spacing)]}]
     if case.origin:
         transforms.append({"type": "translation", "translation": [0.0, *map(float, case.origin)]})
-    return {
-        "version": NGFF_VERSION,
-        "multiscales": [
-            {
-                "name": case.case_id,
-                "axes": axes,
-                "datasets": [{"path": "image", "coordinateTransformations": transforms}],
-            }
-        ],
-        "labels": [n for n in names if n != "image"],
-    }
+    return {"name": name, "axes": axes, "datasets": [{"path": path, "coordinateTransformations": transforms}]}
+
+
+def _is_label(data: np.ndarray) -> bool:
+    """Integer targets (masks) are OME-Zarr labels; float ones (dose) are not."""
+    return np.issubdtype(data.dtype, np.integer)
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, axes: list[str]) -> str:
+    data = np.ascontiguousarray(data)
+    chunks = _chunks(data.shape)
+    group.create_array(
+        name,
+        data=data,
+        chunks=chunks,
+        shards=_shards(data.shape, chunks),
+        compressors=_COMPRESSOR,
+        dimension_names=axes,
+    )
+    return array_hash(data)
 
 
 def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """Write one (already resampled) case into an open split group; return {array: content hash}."""
-    arrays = {"image": case.image, **case.dense}
+    axes = _axis_names(case)
+    images = {"image": case.image, **{k: v for k, v in case.dense.items() if not _is_label(v)}}
+    labels = {k: v for k, v in case.dense.items() if _is_label(v)}
     group = root.create_group(case.case_id)
-    group.attrs["ome"] = _ngff_multiscales(case, list(arrays))
+    group.attrs["ome"] = {
+        "version": NGFF_VERSION,
+        "multiscales": [_multiscale(case, case.case_id if n == "image" else n, n) for n in images],
+    }
     group.attrs["ctan"] = {
         "spacing": [float(s) for s in case.spacing],
         "origin": [float(o) for o in case.origin],
@@ -85,18 +113,18 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
         "structure_present": [bool(p) for p in case.structure_present],
         **(extra or {}),
     }
-    hashes = {}
-    for name, data in arrays.items():
-        data = np.ascontiguousarray(data)
-        chunks = _chunks(data.shape)
-        group.create_array(
-            name,
-            data=data,
-            chunks=chunks,
-            shards=_shards(data.shape, chunks),
-            compressors=_COMPRESSOR,
-        )
-        hashes[name] = array_hash(data)
+    hashes = {name: _write_array(group, name, data, axes) for name, data in images.items()}
+    if labels:
+        label_group = group.create_group(LABELS)
+        label_group.attrs["ome"] = {"version": NGFF_VERSION, "labels": list(labels)}
+        for name, data in labels.items():
+            image_label = label_group.create_group(name)
+            image_label.attrs["ome"] = {
+                "version": NGFF_VERSION,
+                "image-label": {"source": {"image": "../../"}},
+                "multiscales": [_multiscale(case, name, LEVEL)],
+            }
+            hashes[name] = _write_array(image_label, LEVEL, data, axes)
     return hashes
 
 
@@ -136,12 +164,21 @@ class SplitStore:
     def case_attrs(self, case_id: str) -> dict[str, Any]:
         return dict(self.group[case_id].attrs["ctan"])
 
+    def _label_names(self, case_id: str) -> list[str]:
+        case = self.group[case_id]
+        if LABELS not in case:  # written before labels/ existed: every array flat in the case group
+            return []
+        return list(case[LABELS].attrs["ome"]["labels"])
+
     def array(self, case_id: str, name: str) -> zarr.Array:
-        """The lazily read array; slice it to read only a patch."""
+        """The lazily read array (image, dose, or a label such as structures); slice it to read a patch."""
+        if name in self._label_names(case_id):
+            return self.group[case_id][LABELS][name][LEVEL]
         return self.group[case_id][name]
 
     def array_names(self, case_id: str) -> list[str]:
-        return sorted(name for name, _ in self.group[case_id].arrays())
+        direct = [name for name, _ in self.group[case_id].arrays()]
+        return sorted(direct + self._label_names(case_id))
 
     def read_case(self, case_id: str) -> dict[str, Any]:
         """Every array of a case as numpy, plus its attrs under ``attrs``."""

@@ -1,4 +1,5 @@
-# Train one architecture on one dataset with one seed (`ctan train`); resumes from its checkpoint.
+# Train one architecture on one dataset with one seed (`ctan train`); resumes an unfinished checkpoint of the
+# same parameters and code (a finished or changed one, e.g. after `snakemake -f`, starts over).
 # GPU jobs: `resources: gpu=1` reaches SLURM (workflow/profiles/slurm); locally it only caps
 # concurrency when you pass e.g. `--resources gpu=1`.
 

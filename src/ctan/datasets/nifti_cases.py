@@ -5,12 +5,16 @@ Layout::
     cases/<case>/ct.nii.gz                  CT in HU
     cases/<case>/dose.nii.gz                planned dose in Gy, on the CT grid
     cases/<case>/possible_dose_mask.nii.gz  optional; default: the body, CT > −500 HU
-    cases/<case>/masks/<structure>.nii.gz   one binary mask per contoured structure (voxels > 0.5 inside)
+    cases/<case>/masks/<structure>.nii.gz   one binary mask per contoured structure (values 0 and 1 only)
     split.csv                               optional: case,split (else split by the split parameters)
 
 Every file of a case must share the CT's grid: same shape and the same affine (within
-`AFFINE_TOLERANCE` mm). The structure channels are the sorted union of mask names over all cases; a
-case without a mask for one of them has ``structure_present`` False there.
+`AFFINE_TOLERANCE` mm), and the grid must be orthogonal: a sheared affine is refused rather than
+stored with a direction that is not a rotation (resample such a case onto an orthogonal grid first).
+Masks (and the possible-dose mask) must hold only 0 and 1: a probability map or a 0/255 mask is refused
+rather than thresholded silently. The structure channels are the sorted union of mask names over all
+cases; a case without a mask for one of them, or whose mask is empty, has ``structure_present`` False
+there (an empty contour cannot be scored).
 
 Geometry. Arrays are reoriented to the closest canonical orientation (``nib.as_closest_canonical``, RAS+)
 and then transposed to (z, y, x). Spacing, origin and direction come from the canonical affine ``A`` in
@@ -44,6 +48,7 @@ REQUIRED: tuple[str, ...] = ("ct", "dose")
 SPLIT_FILE = "split.csv"
 BODY_THRESHOLD_HU = -500.0
 AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
+SHEAR_TOLERANCE = 1e-4  # largest |cosine| between two voxel axes of an "orthogonal" grid (float32 affines)
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 TASKS: dict[str, Task] = {
@@ -151,7 +156,36 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
         raise CtanError(path, f"expected a 3D volume, found shape {image.shape}")
     if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise CtanError(path, "the affine is degenerate (zero spacing or not finite)")
+    shear = _shear(image.affine)
+    if shear > SHEAR_TOLERANCE:
+        raise CtanError(
+            path,
+            f"the affine is sheared (voxel axes not orthogonal: largest |cos| between axes {shear:.3g}); "
+            "resample the case onto an orthogonal grid first",
+        )
     return image
+
+
+def _shear(affine: np.ndarray) -> float:
+    """Largest |cosine| between two voxel axes of an affine: 0 for a rotation times a scaling."""
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    unit = linear / np.linalg.norm(linear, axis=0)
+    return float(np.abs(unit.T @ unit - np.eye(3)).max())
+
+
+def _binary(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
+    """A mask's canonical (z, y, x) voxels as uint8, refused unless every value is 0 or 1."""
+    data = _zyx(image, path)
+    bad = (data != 0) & (data != 1)
+    if bad.any():
+        values = np.unique(data[bad])
+        shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+        raise CtanError(
+            path,
+            f"not a binary mask: {int(bad.sum())} voxel(s) hold values other than 0 and 1 ({shown}); "
+            "threshold it yourself (e.g. > 0.5 for a probability map, > 0 for 0/255)",
+        )
+    return data.astype(np.uint8)
 
 
 def _zyx(image: nib.spatialimages.SpatialImage, path: Path, dtype: type = np.float32) -> np.ndarray:
@@ -207,7 +241,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     if pdm_path.is_file():
         pdm_img = _load(pdm_path)
         _check_same_grid(ct_img, pdm_img, pdm_path)
-        possible = (_zyx(pdm_img, pdm_path) > 0.5).astype(np.uint8)
+        possible = _binary(pdm_img, pdm_path)
         sources.append(pdm_path)
     else:
         possible = (ct > BODY_THRESHOLD_HU).astype(np.uint8)
@@ -217,12 +251,12 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     present = []
     for c, name in enumerate(names):
         path = _nifti_file(folder / "masks", name)
-        present.append(path.is_file())
         if path.is_file():
             mask_img = _load(path)
             _check_same_grid(ct_img, mask_img, path)
-            structures[c] = _zyx(mask_img, path) > 0.5
+            structures[c] = _binary(mask_img, path)
             sources.append(path)
+        present.append(bool(structures[c].any()))
 
     spacing, origin, direction = geometry(nib.as_closest_canonical(ct_img).affine)
     return Case(

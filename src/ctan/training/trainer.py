@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,7 @@ def train(
         "data_hash": manifest["data_hash"],
     }
     config_hash = params_hash(identity)
+    code_hash = checkpoint.code_hash()
 
     seed_everything(seed)
     patch = cfg["patch_size"] if manifest["spatial_dims"] == 3 else None
@@ -234,8 +236,12 @@ def train(
     run_id = None
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
-        state = checkpoint.load(ckpt_path)
-        if state.get("config_hash") == config_hash:
+        try:
+            state = checkpoint.load(ckpt_path)
+            refusal = checkpoint.why_not_resume(state, config_hash, code_hash, cfg["epochs"])
+        except Exception as err:  # unreadable, or written by other code: nothing to resume from
+            refusal = f"unreadable ({type(err).__name__})"
+        if refusal is None:
             model.load_state_dict(state["model"])
             weighting.load_state_dict(state["weighting"])
             weighting.load_extra_state(json.loads(state["weighting_extra"]))
@@ -251,7 +257,7 @@ def train(
             run_id = state.get("run_id") or None
             print(f"resuming {out} after epoch {state['epoch']}")
         else:
-            print(f"{ckpt_path}: parameters or data changed since this checkpoint; starting afresh")
+            print(f"{ckpt_path}: {refusal}; starting afresh")
 
     from ctan import tracking
     from ctan.provenance import code_version
@@ -321,9 +327,12 @@ def train(
             bar.set_postfix(
                 train=f"{tr['loss']['total']:.3f}", val=f"{va['loss']['total']:.3f}", best=best["epoch"]
             )
+            if not sys.stderr.isatty():  # a batch log (Snakemake, SLURM): no progress bar, one line an epoch
+                print(_epoch_line(record, cfg["epochs"], best["epoch"]), file=sys.stderr, flush=True)
             checkpoint.save_atomic(
                 {
                     "config_hash": config_hash,
+                    "code_hash": code_hash,
                     "epoch": epoch,
                     "model": model.state_dict(),
                     "weighting": weighting.state_dict(),
@@ -364,6 +373,23 @@ def train(
         tracking.log_metrics({"best_epoch": best["epoch"], "best_selection_score": best["score"]})
         tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
     return [out]
+
+
+def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
+    """One log line per epoch: losses (total, then per task), validation metrics, time, memory."""
+
+    def losses(split: str) -> str:
+        parts = record[f"{split}_loss"]
+        tasks = " ".join(f"{t} {v:.4f}" for t, v in parts.items() if t != "total")
+        return f"{parts['total']:.4f} ({tasks})"
+
+    metrics = " ".join(f"{t}/{k} {v:.4f}" for t, m in record["val_metrics"].items() for k, v in m.items())
+    return (
+        f"epoch {record['epoch']}/{epochs} train loss {losses('train')} val loss {losses('val')} "
+        f"val {metrics} | step {record['step_seconds']:.3f} s, epoch {record['seconds']:.1f} s, "
+        f"data wait {record['data_wait_fraction']:.0%}, peak {record['peak_memory_mib']:.0f} MiB, "
+        f"lr {record['lr']:.3g}, best epoch {best_epoch}"
+    )
 
 
 def _flatten_record(record: dict[str, Any]) -> dict[str, float]:
