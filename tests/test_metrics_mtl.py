@@ -72,12 +72,30 @@ def test_registry():
     assert metrics.higher_is_better("jaccard_thresholded") and metrics.higher_is_better("auc_covid_positive")
     with pytest.raises(CtanError):
         metrics.higher_is_better("loss_of_nerve")
-    dose = Task(name="dose", kind="regression", target="dose")
-    assert metrics.metrics_for(dose) == {"dose_score": False, "dvh_score": False}
-    lesion = Task(name="lesion", kind="segmentation", target="lesion")
+    from ctan.datasets import get_reader
+
+    assert metrics.metrics_for(get_reader("openkbp").TASKS["dose"]) == {
+        "dose_score": False,
+        "dvh_score": False,
+    }
+    lesion = get_reader("ham10000").TASKS["lesion"]
     assert metrics.metrics_for(lesion) == {"dice": True, "jaccard_thresholded": True}
-    other = Task(name="x", kind="classification", target="new_label", classes=2)
-    assert metrics.metrics_for(other) == {"auc": True}
+    structures = get_reader("openkbp").TASKS["structures"]
+    assert metrics.metrics_for(structures) == {"dice": True, "hd95": False}
+    assert structures.primary_metrics == ("dice",)  # HD95 is reported, never averaged into Δ_MTL
+    with pytest.raises(CtanError, match="declares no metrics"):
+        metrics.metrics_for(Task(name="x", kind="classification", target="new_label", classes=2))
+
+
+def test_every_primary_metric_is_bounded_and_reported():
+    from ctan.datasets import FORMATS, get_reader
+
+    bounded = {"dose_score", "dvh_score", "dice", "jaccard_thresholded", "balanced_accuracy", "auc"}
+    bounded |= {"auc_macro", "auc_covid_positive"}
+    for fmt in FORMATS:
+        for task in get_reader(fmt).TASKS.values():
+            assert task.primary_metrics and set(task.primary_metrics) <= set(task.metrics), (fmt, task.name)
+            assert set(task.primary_metrics) <= bounded, (fmt, task.name)
 
 
 def test_equal_values_are_no_change_even_against_a_zero_baseline():

@@ -41,23 +41,6 @@ METRICS: dict[str, MetricInfo] = {
     "delta_mtl_pct": MetricInfo(True, "%", "Δ_MTL: mean relative improvement over STL"),
 }
 
-# Headline metrics per task target (they enter Δ_MTL), in the order reported.
-TARGET_METRICS: dict[str, tuple[str, ...]] = {
-    "dose": ("dose_score", "dvh_score"),
-    "structures": ("dice", "hd95"),
-    "lesion": ("dice", "jaccard_thresholded"),
-    "diagnosis": ("balanced_accuracy", "auc_macro"),
-    "covid": ("auc",),
-    "severity": ("auc_covid_positive",),
-}
-
-# Fallback by task kind, for targets not listed above (e.g. a new dataset).
-KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "regression": ("dose_score", "dvh_score"),
-    "segmentation": ("dice", "hd95"),
-    "classification": ("balanced_accuracy", "auc_macro"),
-}
-
 
 def metric_info(name: str) -> MetricInfo:
     """Registry entry for ``name``, also for ``dice/Brainstem`` or ``test/dose/dose_score``."""
@@ -75,8 +58,7 @@ def higher_is_better(name: str) -> bool:
 
 
 def metrics_for(task: Task) -> dict[str, bool]:
-    """``{metric: higher_is_better}`` of a task's headline metrics (by target, else by kind)."""
-    names = TARGET_METRICS.get(task.target) or KIND_METRICS[task.kind]
-    if task.kind == "classification" and task.target not in TARGET_METRICS and task.classes == 2:
-        names = ("auc",)
-    return {name: higher_is_better(name) for name in names}
+    """``{metric: higher_is_better}`` of what a task reports: its record's ``metrics`` (the one source)."""
+    if not task.metrics:
+        raise CtanError(None, f"task {task.name!r} declares no metrics (Task.metrics)")
+    return {name: higher_is_better(name) for name in task.metrics}
