@@ -256,7 +256,9 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(CtanError, match="empty folder"):
         demo.generate("stoic", tmp_path / "full", COUNTS["stoic"], 0)
     with pytest.raises(CtanError, match="validation"):
-        demo.generate("stoic", tmp_path / "a", {"train": 2, "test": 1}, 0)
+        demo.generate("stoic", tmp_path / "a", {"train": 2, "validation": 0, "test": 1}, 0)
+    with pytest.raises(CtanError, match="train"):
+        demo.generate("stoic", tmp_path / "e", {"seed": 1}, 0)
     with pytest.raises(CtanError, match="no demo generator"):
         demo.generate("dicom", tmp_path / "b", COUNTS["stoic"], 0)
     with pytest.raises(CtanError, match="200 patients"):

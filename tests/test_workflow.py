@@ -79,13 +79,25 @@ def planned_jobs(output: str) -> Counter:
     return counts
 
 
+def external_pairs(params: dict) -> list[dict[str, str]]:
+    """{dataset, external} for every external test set of a dataset in run.datasets."""
+    return [
+        {"dataset": entry["external_of"], "external": name}
+        for name, entry in params["datasets"].items()
+        if entry.get("external_of") in params["run"]["datasets"]
+    ]
+
+
 def expected_jobs(params: dict) -> Counter:
     run, datasets = params["run"], params["datasets"]
     n_seeds = len(run["seeds"])
     mtl = [a for a in run["architectures"] if a != "stl"]
+    n_external = len(external_pairs(params))
     counts = Counter(
-        download=len(run["datasets"]),
+        download=len(run["datasets"]) + n_external,
         preprocess=len(run["datasets"]),
+        preprocess_external=n_external,
+        evaluate_external=n_external * len(run["architectures"]) * n_seeds,
         train_mtl=len(run["datasets"]) * len(mtl) * n_seeds,
         train_stl=sum(len(datasets[d]["tasks"]) for d in run["datasets"]) * n_seeds
         if "stl" in run["architectures"]
@@ -146,6 +158,8 @@ def test_snakemake_and_dvc_stages_depend_on_the_same_code(default_dry_run) -> No
         code = {f for f in files if f.startswith("src/")}
         if code:
             # Tuning trains too: the same code (its jobs appear only where the grid has several points).
+            # External test sets run the same stages' code (download is one rule for both in Snakemake).
+            rule = rule.removesuffix("_external")
             snake.setdefault("train" if rule.startswith(("train_", "tune_")) else rule, set()).update(code)
     dvc: dict[str, set[str]] = {}
     for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
@@ -154,7 +168,7 @@ def test_snakemake_and_dvc_stages_depend_on_the_same_code(default_dry_run) -> No
             path = root / dep
             assert path.exists(), f"dvc.yaml stage {name} depends on missing {dep}"
             found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-            dvc.setdefault("train" if name == "tune" else name, set()).update(
+            dvc.setdefault("train" if name == "tune" else name.removesuffix("_external"), set()).update(
                 str(f.relative_to(root)) for f in found
             )
     assert snake == dvc
@@ -193,8 +207,27 @@ def test_dvc_parses_the_same_stages(copy: Path) -> None:
     n = len(run["datasets"])
     runs = n * len(run["architectures"]) * len(run["seeds"])
     tunes = n * len(run["architectures"])  # one per network family; seeds share the choice
-    assert per_stage == Counter(download=n, preprocess=n, tune=tunes, train=runs, evaluate=runs, summarize=1)
+    ext = len(external_pairs(params))
+    assert ext >= 1  # the demo has an external test set, so the main job exercises one
+    assert per_stage == Counter(
+        download=n,
+        preprocess=n,
+        tune=tunes,
+        train=runs,
+        evaluate=runs,
+        summarize=1,
+        download_external=ext,
+        preprocess_external=ext,
+        evaluate_external=ext * len(run["architectures"]) * len(run["seeds"]),
+    )
     _dvc(copy, "dag")
+
+
+def test_dvc_external_sets_match_params() -> None:
+    """dvc.yaml's `external_sets` (DVC cannot derive it from params.yaml) lists every external test set."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["external_sets"]
+    assert listed == external_pairs(params)
 
 
 def test_dvc_summarize_depends_on_every_configured_dataset() -> None:
@@ -348,6 +381,48 @@ def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path)
     assert jobs["evaluate"] == 6 * n_datasets * n_seeds
     # The learning-rate grid is tuned once per network (not per seed), before the final training jobs.
     assert jobs["tune_stl"] == 2 * n_datasets and jobs["tune_mtl"] == 5 * n_datasets
+
+
+def _external_override(copy: Path, patients: Path) -> str:
+    """The issue's override: only an external test set of openkbp_sample, a folder of pt_* patients."""
+    entry = {"format": "openkbp", "external_of": "openkbp_sample", "source": str(patients), "sha256": None}
+    (copy / "external.yaml").write_text(yaml.safe_dump({"datasets": {"openkbp_test_pats": entry}}))
+    return "external.yaml"
+
+
+def test_external_test_set_is_evaluated_for_every_architecture_and_seed(copy: Path, tmp_path: Path) -> None:
+    """Adding only an `external_of` entry plans its download, preprocessing (with the training set's
+    download as an input) and an evaluation of every architecture and seed, all in the summary."""
+    override = _external_override(copy, tmp_path / "test-pats")
+    out = snakemake(
+        copy, "-n", "-p", "results/summary.csv", "--configfile", "config/real-sample.yaml", override
+    )
+    jobs = planned_jobs(out.stdout)
+    real = yaml.safe_load((REPO / "config" / "real-sample.yaml").read_text())
+    n_runs = len(real["run"]["architectures"]) * len(real["run"]["seeds"])
+    assert jobs["evaluate_external"] == n_runs == 18
+    assert jobs["preprocess_external"] == 1 and jobs["download"] == len(real["run"]["datasets"]) + 1
+    assert jobs["evaluate"] == n_runs * len(real["run"]["datasets"])  # the internal ones unchanged
+    commands = re.findall(r"ctan evaluate .*--on openkbp_test_pats.*", out.stdout)
+    assert len(commands) == n_runs and all("--dataset openkbp_sample" in c for c in commands)
+    inputs = _rule_inputs(out.stdout)
+    assert "data/raw/openkbp_sample" in inputs["preprocess_external"]
+    summary_inputs = inputs["summarize"]
+    for arch in real["run"]["architectures"]:
+        for seed in real["run"]["seeds"]:
+            metrics = f"results/openkbp_sample/external/openkbp_test_pats/{arch}/seed{seed}/metrics.json"
+            assert metrics in summary_inputs
+    # Training and tuning never see it.
+    assert not any(
+        "openkbp_test_pats" in f for r in ("train_mtl", "train_stl", "tune_mtl") for f in inputs[r]
+    )
+
+
+def test_an_external_set_in_run_datasets_is_refused_before_any_job(copy: Path) -> None:
+    (copy / "bad.yaml").write_text("run: {datasets: [openkbp_demo_external]}\n")
+    out = snakemake(copy, "-n", "--configfile", "bad.yaml", check=False)
+    assert out.returncode != 0
+    assert "external test set of 'openkbp_demo'" in out.stdout + out.stderr
 
 
 def test_tuning_jobs_come_before_the_final_training_jobs(copy: Path) -> None:

@@ -98,6 +98,28 @@ def test_openkbp_predictions_are_written_in_the_challenge_format(local_demo_run)
     assert dose.shape == (128, 128, 128) and dose.max() > 10
 
 
+def test_the_external_test_set_is_evaluated_for_every_architecture_and_seed(local_demo_run):
+    """The demo's external set: challenge-format dose and DVH scores for every model, its own summary rows
+    and provenance, and a place beside the internal test split in the comparison."""
+    name = "openkbp_demo_external"
+    entry = PARAMS["datasets"][name]
+    training = entry["external_of"]
+    manifest = json.loads((local_demo_run / "data/preprocessed" / name / "manifest.json").read_text())
+    assert manifest["plan"]["dataset"] == training and {c["split"] for c in manifest["cases"]} == {"test"}
+    for arch in PARAMS["run"]["architectures"]:
+        for seed in PARAMS["run"]["seeds"]:
+            run = local_demo_run / "results" / training / "external" / name / arch / f"seed{seed}"
+            doc = json.loads((run / "metrics.json").read_text())
+            assert doc["trained_on"] == training and set(doc["tasks"]["dose"]) == {"dose_score", "dvh_score"}
+            assert len(list((run / "predictions" / "dose_csv").glob("pt_*.csv"))) == entry["demo"]["test"]
+    rows = [r for r in _rows(local_demo_run) if r["dataset"] == name]
+    assert {r["architecture"] for r in rows} == set(PARAMS["run"]["architectures"])
+    assert {r["trained_on"] for r in rows} == {training}
+    assert {r["source_sha256"] for r in rows} == {manifest["source_sha256"]}
+    report = json.loads((local_demo_run / "results/comparison/comparison.json").read_text())
+    assert report["external"][name]["trained_on"] == training
+
+
 def _trivial(root: Path, dataset: str) -> dict[str, float]:
     """Validation error of the trivial predictors: mean training dose, majority class, empty mask."""
     from ctan.store import SplitStore
@@ -225,7 +247,10 @@ def test_per_case_values_reproduce_every_evaluated_metric(local_demo_run):
     """`ctan compare` resamples per-case values; with every case once they must give metrics.json back."""
     from ctan.comparison import metrics_on, scored_cases
 
-    for path in sorted((local_demo_run / "results").glob("*/*/seed*/metrics.json")):
+    results = local_demo_run / "results"
+    for path in sorted(
+        [*results.glob("*/*/seed*/metrics.json"), *results.glob("*/external/*/*/seed*/metrics.json")]
+    ):
         doc = json.loads(path.read_text())
         again = metrics_on(doc, scored_cases(doc, path))
         for task, metrics in doc["tasks"].items():

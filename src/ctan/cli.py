@@ -54,10 +54,14 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    from ctan.config import dataset_settings, load_params
     from ctan.preprocess.pipeline import preprocess_dataset
 
-    out = preprocess_dataset(settings, force=args.force)
+    params = load_params(args.params)
+    settings = dataset_settings(params, args.dataset)
+    # An external test set is preprocessed with its training dataset's plan and checked against its data.
+    training = dataset_settings(params, settings.external_of) if settings.external_of else None
+    out = preprocess_dataset(settings, force=args.force, training=training)
     print(out)
     return 0
 
@@ -96,7 +100,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     _set_threads(args.threads)
-    out = evaluate(params, args.dataset, args.arch, args.seed, device=args.device)
+    out = evaluate(params, args.dataset, args.arch, args.seed, device=args.device, on=args.on)
     print(out)
     return 0
 
@@ -266,10 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_evaluate,
         "score a trained model on the test split (metrics JSON, predictions)",
         "Evaluate the trained ARCH/SEED models of DATASET on its test split: OpenKBP dose and DVH "
-        "scores, Dice/HD95, thresholded Jaccard, balanced accuracy and AUCs as the field defines them.",
+        "scores, Dice/HD95, thresholded Jaccard, balanced accuracy and AUCs as the field defines them. "
+        "With --on EXTERNAL: on every case of that external test set of DATASET instead, into "
+        "results/DATASET/external/EXTERNAL/ARCH/seedSEED/.",
     )
     _add_params(p)
     _add_run_ids(p)
+    p.add_argument(
+        "--on",
+        type=_name("dataset"),
+        metavar="EXTERNAL",
+        help="an external test set of DATASET (`external_of: DATASET` in params) to evaluate on",
+    )
 
     p = add(
         "openkbp-score",

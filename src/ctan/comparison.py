@@ -9,6 +9,8 @@ What a reader of a MTL paper wants and a summary CSV does not give:
   that seed and the seeds' Δ are averaged (seeds are never pooled as if they were cases). The interval
   is the percentile interval of that average over the resamples;
 - the paper's figures beside ours;
+- the same for each external test set (``external_of``) of a dataset, beside its internal test split:
+  do the models, trained on one site's cases, keep their Δ_MTL on another's?
 - training cost measured in the same runs (step time, the share of each training step spent waiting
   for data, peak memory) and where every number came from (data hash, code version, MLflow run ids).
 
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ctan.config import dataset_settings
+from ctan.config import dataset_settings, external_sets
 from ctan.errors import CtanError
 from ctan.metrics.classification import mean_recall, rank_auc
 from ctan.training.setup import model_dir, results_dir
@@ -276,15 +278,26 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
     if "stl" not in run["architectures"]:
         raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
     seeds = list(run["seeds"])
-    report: dict[str, Any] = {"seeds": seeds, "datasets": {}, "paper_delta_mtl": PAPER_DELTA_MTL}
-    for dataset in run["datasets"]:
-        settings = dataset_settings(params, dataset)
+    report: dict[str, Any] = {
+        "seeds": seeds,
+        "datasets": {},
+        "external": {},
+        "paper_delta_mtl": PAPER_DELTA_MTL,
+    }
+    evaluated = [(d, None) for d in run["datasets"]]
+    evaluated += [(e, d) for d in run["datasets"] for e in external_sets(params, d)]
+    for dataset, trained_on in evaluated:
+        settings = dataset_settings(params, dataset)  # an external set's results folder and models' tasks
         docs = {}
         for arch in run["architectures"]:
             for seed in seeds:
                 path = results_dir(settings, arch, seed) / "metrics.json"
                 if not path.is_file():
-                    raise CtanError(path, f"missing; run `ctan evaluate --dataset {dataset} --arch {arch}`")
+                    on = f" --on {dataset}" if trained_on else ""
+                    raise CtanError(
+                        path,
+                        f"missing; run `ctan evaluate --dataset {trained_on or dataset} --arch {arch}{on}`",
+                    )
                 docs[arch, seed] = json.loads(path.read_text())
         entry: dict[str, Any] = {
             "data_hash": dvc_md5(settings.preprocessed_dir),
@@ -319,8 +332,9 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
                 entry["delta_mtl"][arch] = paired_bootstrap_delta(
                     docs, arch, seeds, resamples, confidence, rng_seed, cache=resample_cache, primary=primary
                 )
-            costs = [training_cost(settings, arch, s) for s in seeds]
-            entry["cost"][arch] = {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
+            if not trained_on:  # an external set's models are the training set's: no second cost table
+                costs = [training_cost(settings, arch, s) for s in seeds]
+                entry["cost"][arch] = {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
             entry.setdefault("hyperparameters", {})[arch] = {
                 str(s): hyperparameters_text(docs[arch, s]["provenance"].get("tuning")) for s in seeds
             }
@@ -342,7 +356,10 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
         }
         for d in deltas.values():
             d.pop("draws")
-        report["datasets"][dataset] = entry
+        if trained_on:
+            report["external"][dataset] = {"trained_on": trained_on, **entry}
+        else:
+            report["datasets"][dataset] = entry
     archs = [a for a in run["architectures"] if a != "stl"]
     report["mean_delta_mtl"] = {
         a: float(np.mean([report["datasets"][d]["delta_mtl"][a]["delta_mtl"] for d in run["datasets"]]))
@@ -381,10 +398,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     paper = report["paper_delta_mtl"]
-    for dataset, entry in report["datasets"].items():
+    external = report.get("external") or {}
+    for dataset, entry in [*report["datasets"].items(), *external.items()]:
         archs = list(entry["metrics"])
+        trained_on = entry.get("trained_on")
         lines += [
-            f"### {dataset}",
+            f"### {dataset}"
+            + (f" (external test set; models trained on {trained_on})" if trained_on else ""),
             "",
             f"{entry['test_cases']} test cases; data hash (DVC md5) `{entry['data_hash']}`"
             + (f"; source SHA-256 `{entry['source_sha256']}`" if entry.get("source_sha256") else "")
@@ -440,12 +460,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
                 ci = _ci(d["ci_low"], d["ci_high"])
                 lines.append(f"| {name} | {d['difference']:+.2f} | {ci} | {detectable_text} |")
-        lines += [
-            "",
-            "| architecture | epochs | training (min, all seeds' mean) | step (s, median) | data wait (%) | "
-            "peak memory (MiB) |",
-            "|---|---|---|---|---|---|",
-        ]
+        if entry["cost"]:  # an external test set's models are its training set's: no cost of its own
+            lines += [
+                "",
+                "| architecture | epochs | training (min, all seeds' mean) | step (s, median) "
+                "| data wait (%) | peak memory (MiB) |",
+                "|---|---|---|---|---|---|",
+            ]
         for arch, c in entry["cost"].items():
             lines.append(
                 f"| {arch} | {c['epochs']:.0f} | {c['train_minutes']:.1f} | {c['step_seconds']:.3f} | "
@@ -467,6 +488,27 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 dirty = " (dirty)" if p["git_dirty"] else ""
                 lines.append(f"| {arch} | {seed} | `{p['git_commit'][:10]}`{dirty} | {runs} |")
         lines += ["", "</details>", ""]
+    if external:
+        lines += [
+            "### Internal and external test sets",
+            "",
+            "Δ_MTL (%) of the same models on their training dataset's test split and on each external test "
+            "set, with the 95 % interval (seeds + cases).",
+            "",
+            "| trained on | tested on | cases | " + " | ".join(report["mean_delta_mtl"]) + " |",
+            "|---|---|---|" + "---|" * len(report["mean_delta_mtl"]),
+        ]
+        for dataset, entry in report["datasets"].items():
+            tested = [(dataset + " (internal)", entry)] + [
+                (f"{name} (external)", e) for name, e in external.items() if e["trained_on"] == dataset
+            ]
+            for name, e in tested:
+                cells = [
+                    f"{d['delta_mtl']:+.2f} {_ci(d['ci_low'], d['ci_high'])}"
+                    for d in (e["delta_mtl"][a] for a in report["mean_delta_mtl"])
+                ]
+                lines.append(f"| {dataset} | {name} | {e['test_cases']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["### Mean over datasets", "", "| architecture | Δ_MTL (%) here | paper |", "|---|---|---|"]
     for arch, value in report["mean_delta_mtl"].items():
         paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"

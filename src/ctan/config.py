@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -41,7 +42,60 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
     for name in params["run"]["datasets"]:
         if name not in params["datasets"]:
             raise CtanError(source, f"run.datasets names {name!r}, which is not under datasets:")
+        if params["datasets"][name].get("external_of"):
+            raise CtanError(
+                source,
+                f"run.datasets names {name!r}, an external test set of "
+                f"{params['datasets'][name]['external_of']!r}: it is never trained on; it is evaluated "
+                "whenever its training dataset is in run.datasets",
+            )
+    for name, entry in params["datasets"].items():
+        if entry.get("external_of"):
+            check_external(params, name, source)
     return params
+
+
+# Keys an external test set takes from its training dataset and may therefore not set itself.
+FROM_TRAINING = ("preprocess", "split", "primary_metrics", "training", "model", "tuning")
+
+
+def check_external(params: dict[str, Any], name: str, source: str = "params") -> None:
+    """An external test set names a known training dataset of the same format and tasks (or none)."""
+    entry = params["datasets"][name]
+    of = entry["external_of"]
+    where = f"datasets.{name}.external_of"
+    if of not in params["datasets"]:
+        known = ", ".join(sorted(n for n, e in params["datasets"].items() if not e.get("external_of")))
+        raise CtanError(source, f"{where} names {of!r}, which is not under datasets: ({known})")
+    training = params["datasets"][of]
+    if training.get("external_of"):
+        raise CtanError(
+            source, f"{where} names {of!r}, itself an external test set; name the dataset it was trained on"
+        )
+    if entry["format"] != training["format"]:
+        raise CtanError(
+            source,
+            f"datasets.{name}.format is {entry['format']}, but its training dataset {of} is "
+            f"{training['format']}: an external test set has the format its models were trained on",
+        )
+    if "tasks" in entry and list(entry["tasks"]) != list(training["tasks"]):
+        raise CtanError(
+            source,
+            f"datasets.{name}.tasks {list(entry['tasks'])} differ from the tasks of its training dataset "
+            f"{of} {list(training['tasks'])}: leave tasks out (they are taken from {of})",
+        )
+    own = [k for k in FROM_TRAINING if k in entry]
+    if own:
+        raise CtanError(
+            source,
+            f"datasets.{name} sets {', '.join(own)}, which an external test set takes from its training "
+            f"dataset {of} (preprocessed with {of}'s plan, evaluated with its models): remove them",
+        )
+
+
+def external_sets(params: dict[str, Any], dataset: str) -> list[str]:
+    """The external test sets of ``dataset``: every entry with ``external_of: <dataset>``, in order."""
+    return [n for n, e in params["datasets"].items() if e.get("external_of") == dataset]
 
 
 def load_params(paths: list[str | Path] | None = None) -> dict[str, Any]:
@@ -88,6 +142,19 @@ class DatasetSettings:
     preprocessed_dir: Path
     models_dir: Path
     results_dir: Path
+    # External test set: the training dataset whose plan, tasks and models it uses (None: a training set).
+    external_of: str | None = None
+
+    def trainable(self) -> DatasetSettings:
+        """Itself, unless it is an external test set, which training and tuning never read."""
+        if self.external_of:
+            raise CtanError(
+                None,
+                f"{self.name} is an external test set of {self.external_of}: it is never trained or tuned "
+                f"on; train {self.external_of}, then evaluate with --dataset {self.external_of} "
+                f"--on {self.name}",
+            )
+        return self
 
     @property
     def raw_section(self) -> dict[str, Any]:
@@ -97,7 +164,13 @@ class DatasetSettings:
     @property
     def data_section(self) -> dict[str, Any]:
         """Parameters that decide the preprocessed stores."""
-        return {**self.raw_section, "subdir": self.subdir, "split": self.split, "preprocess": self.preprocess}
+        section = {
+            **self.raw_section,
+            "subdir": self.subdir,
+            "split": self.split,
+            "preprocess": self.preprocess,
+        }
+        return {**section, "external_of": self.external_of} if self.external_of else section
 
 
 def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
@@ -108,6 +181,24 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
     ds = params["datasets"][name]
     paths = {"raw": "data/raw", "preprocessed": "data/preprocessed", "models": "models", "results": "results"}
     paths.update(params.get("paths", {}))
+    if ds.get("external_of"):
+        # Everything but the data itself comes from the training dataset: tasks, its preprocessing plan,
+        # the models evaluated (its models folder). Results go beside the training set's own.
+        check_external(params, name)
+        training = dataset_settings(params, ds["external_of"])
+        return dataclasses.replace(
+            training,
+            name=name,
+            source=ds["source"],
+            sha256=ds.get("sha256"),
+            subdir=ds.get("subdir"),
+            demo=dict(ds.get("demo", {})),
+            split={},
+            raw_dir=inside(paths["raw"], name),
+            preprocessed_dir=inside(paths["preprocessed"], name),
+            results_dir=inside(paths["results"], training.name, "external", name),
+            external_of=training.name,
+        )
     return DatasetSettings(
         name=name,
         format=ds["format"],

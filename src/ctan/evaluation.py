@@ -117,30 +117,44 @@ def to_source_grid(array: np.ndarray, attrs: dict[str, Any], order: int = 1) -> 
     )
 
 
-def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device: str | None = None) -> Path:
+def evaluate(
+    params: dict[str, Any],
+    dataset: str,
+    arch: str,
+    seed: int,
+    device: str | None = None,
+    on: str | None = None,
+) -> Path:
+    """Score the models of ``dataset`` on its test split, or with ``on`` on every case of that external
+    test set of it (results under ``results/<dataset>/external/<on>/``); return the metrics.json path."""
     from ctan import metrics
     from ctan.loader import CaseDataset
     from ctan.store import SplitStore
 
-    settings = dataset_settings(params, dataset)
-    manifest = read_manifest(settings)
+    settings = dataset_settings(params, dataset).trainable()
+    data = external_test_set(params, settings, on) if on else settings  # the store evaluated
+    manifest = read_manifest(data)
+    if on:
+        check_external_manifest(read_manifest(settings), manifest, settings, data)
     tasks = resolve_tasks(settings, manifest)
     dev = pick_device(device)
     models, model_hashes = load_models(settings, arch, seed, dev)
-    out = results_dir(settings, arch, seed)
+    out = results_dir(data, arch, seed)
     if out.exists():
         shutil.rmtree(out)
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True)
 
-    store = SplitStore.open(settings.preprocessed_dir / "test.zarr")
-    test_set = CaseDataset(settings.preprocessed_dir, "test", tasks, patch_size=None, augment=False)
+    store = SplitStore.open(data.preprocessed_dir / "test.zarr")
+    test_set = CaseDataset(data.preprocessed_dir, "test", tasks, patch_size=None, augment=False)
     structure_names = list(manifest.get("structure_names", []))
     per_case: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
     image_level: dict[str, list] = {t.name: [] for t in tasks if not t.dense}
     labels: dict[str, list[int]] = {"covid": []}
     example = None
-    for i in tqdm(range(len(test_set)), desc=f"evaluate {dataset}/{arch}/seed{seed}", disable=None):
+    for i in tqdm(
+        range(len(test_set)), desc=f"evaluate {dataset}/{arch}/seed{seed} on {data.name}", disable=None
+    ):
         item = test_set[i]
         case_id = item["case_id"]
         attrs = store.case_attrs(case_id)
@@ -168,7 +182,7 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
     details: dict[str, Any] = {}
     for t in tasks:
         if t.kind == "regression":
-            results[t.name] = _dose_results(t, settings, manifest, store, pred_dir, per_case[t.name], details)
+            results[t.name] = _dose_results(t, data, manifest, store, pred_dir, per_case[t.name], details)
         elif t.kind == "segmentation":
             results[t.name] = _segmentation_results(t, per_case[t.name], store)
         else:
@@ -187,7 +201,8 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         if run_file.is_file():
             run_ids[key or "all"] = json.loads(run_file.read_text())["run_id"]
     document = {
-        "dataset": dataset,
+        "dataset": data.name,
+        "trained_on": dataset,
         "architecture": arch,
         "seed": seed,
         "tasks": results,
@@ -209,7 +224,7 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         },
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))
-    _log_to_mlflow(params, run_ids, results)
+    _log_to_mlflow(params, run_ids, results, prefix=f"external/{on}" if on else "test")
     if example is not None:
         try:
             from ctan.plots import plot_examples
@@ -220,6 +235,36 @@ def evaluate(params: dict[str, Any], dataset: str, arch: str, seed: int, device:
         except ImportError:
             pass
     return out / "metrics.json"
+
+
+def external_test_set(params: dict[str, Any], settings, on: str):
+    """The settings of ``on``, refused unless it is an external test set of the dataset ``settings``."""
+    data = dataset_settings(params, on)
+    if data.external_of != settings.name:
+        raise CtanError(
+            None,
+            f"--on {on}: not an external test set of {settings.name} "
+            f"(it needs `external_of: {settings.name}` under datasets.{on})",
+        )
+    return data
+
+
+def check_external_manifest(training: dict[str, Any], external: dict[str, Any], settings, data) -> None:
+    """The external stores must describe the data the models were trained on, with the same plan."""
+    from ctan.manifest import compatibility_problems
+
+    problems = compatibility_problems(training, external)
+    if "plan" in training and training["plan"] != external.get("plan"):
+        problems.append(
+            f"preprocessing plan differs ({external.get('plan')} here, {training.get('plan')} in the "
+            f"training set): run `ctan preprocess {data.name} --force`"
+        )
+    if problems:
+        raise CtanError(
+            data.preprocessed_dir,
+            f"external test set {data.name} does not match its training dataset {settings.name}: "
+            + "; ".join(problems),
+        )
 
 
 def _tuning_record(settings, arch: str) -> dict[str, Any]:
@@ -295,16 +340,22 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
 
     if settings.format == "openkbp":
         from ctan.datasets import find_root
-        from ctan.datasets.openkbp import to_challenge_grid
+        from ctan.datasets.base import SPLITS
+        from ctan.datasets.openkbp import reference_folders, to_challenge_grid
 
         csv_dir = pred_dir / "dose_csv"
         csv_dir.mkdir()
-        reference = find_root(settings.raw_dir, settings.format) / "provided-data" / "test-pats"
+        root = (
+            settings.raw_dir / settings.subdir if settings.subdir else find_root(settings.raw_dir, "openkbp")
+        )
+        # An external test set's patients are all test cases, from whichever folders they came.
+        reference = reference_folders(root, SPLITS if settings.external_of else ("test",))
+        patients = {p.name: p for folder in reference for p in folder.iterdir()}
         for case_id in per_case:
             pred = np.load(pred_dir / f"{case_id}.npz")[task.name]
             source = to_challenge_grid(to_source_grid(pred, store.case_attrs(case_id), order=1)[0])
             # As the challenge's own baseline does: predictions are masked by the possible-dose mask.
-            mask = dose_metrics.read_sparse_csv(reference / case_id / "possible_dose_mask.csv", mask=True)
+            mask = dose_metrics.read_sparse_csv(patients[case_id] / "possible_dose_mask.csv", mask=True)
             dose_metrics.write_dose_csv(csv_dir / f"{case_id}.csv", source * mask, axes="challenge")
         scored = dose_metrics.score_directories(reference, csv_dir)
         for case_id, row in scored["patients"].items():
@@ -367,11 +418,18 @@ def _write_image_level(path: Path, image_level: dict[str, list]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _log_to_mlflow(params, run_ids: dict[str, str], results: dict[str, dict[str, float]]) -> None:
+def _log_to_mlflow(
+    params, run_ids: dict[str, str], results: dict[str, dict[str, float]], prefix: str = "test"
+) -> None:
     from ctan import tracking
 
     for key, run_id in run_ids.items():
         with tracking.existing_run(params, run_id):
             tracking.log_metrics(
-                {f"test/{t}/{m}": v for t, ms in results.items() if key in ("all", t) for m, v in ms.items()}
+                {
+                    f"{prefix}/{t}/{m}": v
+                    for t, ms in results.items()
+                    if key in ("all", t)
+                    for m, v in ms.items()
+                }
             )

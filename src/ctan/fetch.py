@@ -257,7 +257,8 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _demo_identity(settings: DatasetSettings) -> dict[str, Any]:
-    counts = {k: int(v) for k, v in settings.demo.items() if k != "seed"} or dict(DEMO_COUNTS)
+    default = {"test": DEMO_COUNTS["test"]} if settings.external_of else dict(DEMO_COUNTS)
+    counts = {k: int(v) for k, v in settings.demo.items() if k != "seed"} or default
     return {"format": settings.format, "counts": counts, "seed": int(settings.demo.get("seed", 0))}
 
 
@@ -295,7 +296,7 @@ def _existing(raw_dir: Path, same: Any, force: bool) -> bool:
 
 def _check_dataset(data: Path, settings: DatasetSettings, source: str) -> tuple[Path, int]:
     """Find the dataset root and list its cases now, so a wrong archive fails here, not in preprocess."""
-    from ctan.datasets import find_root, get_reader
+    from ctan.datasets import dataset_cases, find_root
 
     try:
         if settings.subdir:
@@ -304,7 +305,7 @@ def _check_dataset(data: Path, settings: DatasetSettings, source: str) -> tuple[
                 raise CtanError(root, "the configured subdir does not exist in the source")
         else:
             root = find_root(data, settings.format)
-        refs = get_reader(settings.format).list_cases(root, settings.split)
+        refs = dataset_cases(settings, root)
     except CtanError as err:
         inside = err.path
         if inside is not None:

@@ -4,9 +4,13 @@
 ``<paths.preprocessed>/<dataset>/manifest.json``::
 
     {dataset, format, source_sha256, params_hash, spatial_dims, structure_names, class_names, tasks,
+     image_channels, plan: {dataset, spacing, shape, ct_window}, external_of,
      cases: [{case_id, split, sources: {path relative to the raw folder: sha256},
               arrays: {name: content hash}}],
      data_hash}
+
+``plan`` is the preprocessing the stores were made with and whose it is: the dataset's own, or for an
+external test set (``external_of``: its training dataset) the training dataset's.
 
 ``data_hash`` is one SHA-256 over every case's array hashes; it changes exactly when some array's
 decoded content changes, whatever the chunking or codec (see `ctan.store.array_hash`).
@@ -57,6 +61,9 @@ def build_manifest(
     class_names: list[str],
     tasks: list[str],
     cases: list[dict[str, Any]],
+    plan: dict[str, Any] | None = None,
+    external_of: str | None = None,
+    image_channels: int | None = None,
 ) -> dict[str, Any]:
     return {
         "dataset": dataset,
@@ -67,9 +74,47 @@ def build_manifest(
         "structure_names": list(structure_names),
         "class_names": list(class_names),
         "tasks": list(tasks),
+        **({"image_channels": image_channels} if image_channels is not None else {}),
+        **({"plan": plan} if plan is not None else {}),
+        "external_of": external_of,
         "cases": cases,
         "data_hash": data_hash(cases),
     }
+
+
+# What an external test set must share with its training dataset, and how a difference is named.
+COMPATIBLE = (
+    ("format", "format"),
+    ("spatial_dims", "spatial dimensions"),
+    ("tasks", "tasks"),
+    ("image_channels", "image channels"),
+    ("structure_names", "structures"),
+    ("class_names", "classes"),
+)
+
+
+def compatibility_problems(training: Mapping[str, Any], external: Mapping[str, Any]) -> list[str]:
+    """How an external test set's data differ from its training dataset's (empty if they do not).
+
+    Both arguments hold (some of) the `COMPATIBLE` keys, e.g. two manifests; a key either lacks is not
+    compared. A list names what is missing from the external set and what it has in addition.
+    """
+    problems = []
+    for key, what in COMPATIBLE:
+        if key not in training or key not in external or training[key] == external[key]:
+            continue
+        ours, theirs = training[key], external[key]
+        if isinstance(ours, list) and isinstance(theirs, list):
+            missing = [x for x in ours if x not in theirs]
+            extra = [x for x in theirs if x not in ours]
+            parts = ([f"missing {', '.join(map(str, missing))}"] if missing else []) + (
+                [f"not in the training set: {', '.join(map(str, extra))}"] if extra else []
+            )
+            detail = "; ".join(parts) or f"another order ({', '.join(map(str, theirs))})"
+            problems.append(f"{what} differ ({detail})")
+        else:
+            problems.append(f"{what} differ ({theirs} here, {ours} in the training set)")
+    return problems
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> Path:

@@ -6,6 +6,9 @@ Rows:
 - ``delta_mtl``: dataset × architecture, Δ_MTL (Maninis et al. 2019) mean and std over seeds, each seed's
   Δ computed against the STL run of the same seed, on each task's primary metrics only (``in_delta``
   marks them among the metric rows; HD95 and the like are reported, not averaged in).
+External test sets (``external_of: <dataset>``) of every dataset in ``run.datasets`` get the same rows,
+``dataset`` naming the external set and ``trained_on`` the dataset its models were trained on (for the
+internal test split the two are the same), with the external set's own data hash and source SHA-256.
 Every row carries the data hash (DVC's md5 of the preprocessed folder, as in dvc.lock), its content
 hash, the raw folder and the source archive's SHA-256, the code version, the parameters
 hash, the MLflow run id(s), the model files' hashes, and the SHA-256 of every metrics.json the row was
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ctan.config import dataset_settings, params_hash
+from ctan.config import dataset_settings, external_sets, params_hash
 from ctan.errors import CtanError
 from ctan.provenance import dvc_md5, file_sha256
 from ctan.training.setup import run_dir
@@ -31,6 +34,7 @@ from ctan.training.setup import run_dir
 COLUMNS = [
     "row_type",
     "dataset",
+    "trained_on",
     "architecture",
     "seed",
     "task",
@@ -63,7 +67,9 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
     if "stl" not in run["architectures"]:
         raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
     rows: list[dict[str, Any]] = []
-    for dataset in run["datasets"]:
+    evaluated = [(d, None) for d in run["datasets"]]
+    evaluated += [(e, d) for d in run["datasets"] for e in external_sets(params, d)]
+    for dataset, trained_on in evaluated:
         settings = dataset_settings(params, dataset)
         where = {
             "data_hash": dvc_md5(settings.preprocessed_dir),
@@ -79,8 +85,11 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
             for seed in run["seeds"]:
                 path = metrics_path(settings.results_dir, arch, seed)
                 if not path.is_file():
+                    on = f" --on {dataset}" if trained_on else ""
                     raise CtanError(
-                        path, f"missing; run `ctan evaluate --dataset {dataset} --arch {arch} --seed {seed}`"
+                        path,
+                        f"missing; run `ctan evaluate --dataset {trained_on or dataset} --arch {arch} "
+                        f"--seed {seed}{on}`",
                     )
                 docs[arch, seed] = path, json.loads(path.read_text())
         rows += dataset_rows(dataset, run["architectures"], run["seeds"], docs, where)
@@ -127,6 +136,7 @@ def dataset_rows(
             primary = primary_of(doc)
             common = {
                 "dataset": dataset,
+                "trained_on": doc.get("trained_on") or dataset,
                 "architecture": arch,
                 "data_hash": where["data_hash"],
                 "data_content_hash": prov["data_hash"],

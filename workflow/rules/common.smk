@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ctan.cli import ARCHITECTURES
-from ctan.config import dataset_settings
+from ctan.config import dataset_settings, external_sets
 from ctan.config import validate as validate_params
 
 
@@ -61,6 +61,12 @@ PATHS.update(config["paths"])
 RAW, PREPROCESSED, MODELS, RESULTS = (PATHS[k] for k in ("raw", "preprocessed", "models", "results"))
 RUN = config["run"]
 LOGS = "logs"
+# External test sets ({training dataset: [external sets]}): evaluated whenever their training set runs.
+EXTERNAL = {d: external_sets(config, d) for d in RUN["datasets"]}
+EXTERNAL_NAMES = [e for d in config["datasets"] for e in external_sets(config, d)]
+# Training datasets and external test sets, as wildcard patterns (one preprocess rule each).
+TRAINING_RE = "|".join(re.escape(n) for n in config["datasets"] if n not in EXTERNAL_NAMES) or "(?!)"
+EXTERNAL_RE = "|".join(re.escape(name) for name in EXTERNAL_NAMES) or "(?!)"
 
 # Names become folder names: the schema admits only plain identifiers as dataset names (as the CLI
 # does; ctan.workspace), and each wildcard matches exactly the configured names, so no `..` or `/`
@@ -69,7 +75,8 @@ wildcard_constraints:
     dataset="|".join(re.escape(name) for name in config["datasets"]),
     arch="|".join(ARCHITECTURES),
     seed=r"\d+",
-    task="|".join(sorted({t for d in config["datasets"].values() for t in d["tasks"]})),
+    task="|".join(sorted({t for d in config["datasets"].values() for t in d.get("tasks", [])})),
+    external=EXTERNAL_RE,
 
 
 # Multi-task architectures train one model per job; STL trains one model per task.
@@ -136,6 +143,11 @@ def evaluate_settings(wildcards) -> dict:
     return {"tasks": list(s.tasks), "primary_metrics": s.primary_metrics}
 
 
+def training_raw(wildcards) -> list[str]:
+    """An external test set is checked against its training dataset's download (structures, classes)."""
+    return [f"{RAW}/{settings(wildcards.dataset).external_of}"]
+
+
 def trained_models(wildcards) -> list[str]:
     """MTL: the one model; STL: one model per task of the dataset."""
     if wildcards.arch == "stl":
@@ -149,12 +161,21 @@ def trained_models(wildcards) -> list[str]:
 
 
 def all_metrics() -> list[str]:
-    return expand(
+    """Every evaluation: each dataset's test split, and each of its external test sets."""
+    internal = expand(
         f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/metrics.json",
         dataset=RUN["datasets"],
         arch=RUN["architectures"],
         seed=RUN["seeds"],
     )
+    external = [
+        f"{RESULTS}/{dataset}/external/{name}/{arch}/seed{seed}/metrics.json"
+        for dataset, names in EXTERNAL.items()
+        for name in names
+        for arch in RUN["architectures"]
+        for seed in RUN["seeds"]
+    ]
+    return internal + external
 
 
 def all_histories() -> list[str]:

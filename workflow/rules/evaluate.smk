@@ -32,3 +32,37 @@ rule evaluate:
         "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
         " && ctan evaluate {params.ctan} --dataset {wildcards.dataset} --arch {wildcards.arch}"
         " --seed {wildcards.seed} --threads {threads}) > {log} 2>&1"
+
+
+# The same models on every case of an external test set of the dataset (`ctan evaluate --on`).
+rule evaluate_external:
+    input:
+        models=trained_models,
+        store=f"{PREPROCESSED}/{{external}}",
+        code=stage_code("evaluate"),
+    output:
+        metrics=f"{RESULTS}/{{dataset}}/external/{{external}}/{{arch}}/seed{{seed}}/metrics.json",
+        examples=report(
+            f"{RESULTS}/{{dataset}}/external/{{external}}/{{arch}}/seed{{seed}}/examples.png",
+            caption="../report/examples_external.rst",
+            category="Example predictions",
+            subcategory="{external} (external, trained on {dataset})",
+            labels={"architecture": "{arch}", "seed": "{seed}"},
+        ),
+    params:
+        ctan=PARAMS,
+        settings=evaluate_settings,
+    log:
+        f"{LOGS}/evaluate/{{dataset}}/external/{{external}}/{{arch}}/seed{{seed}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/evaluate/{{dataset}}/external/{{external}}/{{arch}}/seed{{seed}}.tsv"
+    conda:
+        "../envs/ctan.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
+        " && ctan evaluate {params.ctan} --dataset {wildcards.dataset} --arch {wildcards.arch}"
+        " --seed {wildcards.seed} --on {wildcards.external} --threads {threads}) > {log} 2>&1"

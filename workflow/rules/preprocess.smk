@@ -7,6 +7,8 @@ rule preprocess:
         code=stage_code("preprocess"),
     output:
         directory(f"{PREPROCESSED}/{{dataset}}"),
+    wildcard_constraints:
+        dataset=TRAINING_RE,
     params:
         ctan=PARAMS,
         settings=preprocess_settings,
@@ -17,6 +19,37 @@ rule preprocess:
     conda:
         "../envs/ctan.yaml"
     threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
+        " && ctan preprocess {wildcards.dataset} {params.ctan}) > {log} 2>&1"
+
+
+# An external test set (`external_of:`): the training dataset's plan, every case in test.zarr. It needs
+# the training set's download to check structures and classes against, and runs before training jobs
+# where it can (priority), so a mismatching set stops the workflow before anything trains.
+rule preprocess_external:
+    input:
+        raw=f"{RAW}/{{dataset}}",
+        training=training_raw,
+        code=stage_code("preprocess"),
+    output:
+        directory(f"{PREPROCESSED}/{{dataset}}"),
+    wildcard_constraints:
+        dataset=EXTERNAL_RE,
+    params:
+        ctan=PARAMS,
+        settings=preprocess_settings,
+    log:
+        f"{LOGS}/preprocess/{{dataset}}.log",
+    benchmark:
+        f"{LOGS}/benchmarks/preprocess/{{dataset}}.tsv"
+    conda:
+        "../envs/ctan.yaml"
+    priority: 10
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=60,

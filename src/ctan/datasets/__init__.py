@@ -10,10 +10,18 @@ import importlib
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
+from ctan.datasets.base import CaseRef
 from ctan.errors import CtanError
 
+if TYPE_CHECKING:
+    from ctan.config import DatasetSettings
+
 FORMATS: tuple[str, ...] = ("openkbp", "ham10000", "stoic", "nifti_cases")
+
+# An external test set's cases are listed without a computed split (all in one) and all stored as test.
+EXTERNAL_SPLIT = {"validation": 0.0, "test": 0.0, "seed": 0}
 
 # How deep below the download folder a dataset root may sit (archives add one or two wrapper folders).
 MAX_ROOT_DEPTH = 4
@@ -33,7 +41,10 @@ def find_root(path: str | Path, format: str) -> Path:
     and never into hidden folders. None or several roots is an error: guessing would silently read the
     wrong data.
     """
-    marker = get_reader(format).MARKER
+    reader = get_reader(format)
+    marker = reader.MARKER
+    # A format may know other roots than its marker's folder (OpenKBP: a bare folder of pt_* patients).
+    is_root = getattr(reader, "is_root", lambda folder: (folder / marker).exists())
     path = Path(path)
     if not path.is_dir():
         raise CtanError(path, "dataset folder not found")
@@ -42,7 +53,7 @@ def find_root(path: str | Path, format: str) -> Path:
     for _ in range(MAX_ROOT_DEPTH + 1):
         below: list[Path] = []
         for folder in level:
-            if (folder / marker).exists():
+            if is_root(folder):
                 roots.append(folder)
                 continue
             try:
@@ -59,3 +70,12 @@ def find_root(path: str | Path, format: str) -> Path:
         listed = ", ".join(str(r) for r in roots[:4])
         raise CtanError(path, f"{len(roots)} {format} datasets found ({listed}); set `subdir` to pick one")
     return roots[0]
+
+
+def dataset_cases(settings: DatasetSettings, root: Path) -> list[tuple[CaseRef, str]]:
+    """Every case (the reference its reader reads it by) with the split it is stored in: its own split,
+    or ``test`` for every case of an external test set, whatever folder or split file it came from."""
+    reader = get_reader(settings.format)
+    if settings.external_of is None:
+        return [(ref, ref.split) for ref in reader.list_cases(root, settings.split)]
+    return [(ref, "test") for ref in reader.list_cases(root, EXTERNAL_SPLIT)]

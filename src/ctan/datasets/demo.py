@@ -44,15 +44,16 @@ def generate(format: str, root: Path, counts: dict[str, int], seed: int) -> Path
     """Write a demo dataset of ``format`` into the empty folder ``root``; return ``root``.
 
     ``counts`` gives the number of cases per split (keys train, validation, test; other keys such as
-    ``seed`` are ignored, so a params ``demo:`` section can be passed as is).
+    ``seed`` are ignored, so a params ``demo:`` section can be passed as is). A split left out gets no
+    cases (an external test set: ``{"test": 3}``); at least one needs some.
     """
     if format not in _GENERATORS:
         raise CtanError(None, f"no demo generator for format {format!r}; known: {', '.join(_GENERATORS)}")
     root = Path(root)
     n = {}
     for split in SPLITS:
-        value = counts.get(split)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        value = counts.get(split, 0 if any(s in counts for s in SPLITS) else None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if split not in counts else 1):
             raise CtanError(None, f"demo counts need a positive integer for {split!r}, got {value!r}")
         n[split] = value
     if root.exists() and any(root.iterdir()):

@@ -27,7 +27,8 @@ the in-plane pixel spacing twice (equal in every released patient, so their orde
 the slice spacing third; our spacing is (slice, pixel, pixel).
 
 The official split is kept: train-pats → train, validation-pats (or the older valid-pats) →
-validation, test-pats → test.
+validation, test-pats → test. A folder that holds ``pt_*`` patients directly (e.g. a copy of the
+official ``test-pats``, another site's patients) is a dataset root too: all its patients are test cases.
 """
 
 from __future__ import annotations
@@ -112,10 +113,25 @@ def _patient_key(folder: Path) -> tuple[int, str]:
     return (int(match.group(1)) if match else 1 << 30, folder.name)
 
 
+def holds_patients(folder: Path) -> bool:
+    """Whether ``folder`` holds ``pt_<n>`` patients directly (a bare split folder such as test-pats)."""
+    try:
+        return any(_PATIENT.fullmatch(p.name) and (p / "ct.csv").is_file() for p in Path(folder).iterdir())
+    except OSError:
+        return False
+
+
+def is_root(folder: Path) -> bool:
+    """A dataset root: the release's parent of provided-data/, or a bare folder of pt_* patients."""
+    return (Path(folder) / MARKER).exists() or holds_patients(folder)
+
+
 def _split_folders(root: Path) -> dict[str, Path]:
     data = Path(root) / MARKER
+    if not data.is_dir() and holds_patients(root):
+        return {"test": Path(root)}
     if not data.is_dir():
-        raise CtanError(data, "missing; an OpenKBP dataset root holds provided-data/")
+        raise CtanError(data, "missing; an OpenKBP dataset root holds provided-data/ (or pt_* patients)")
     out = {}
     for split, names in SPLIT_FOLDERS.items():
         for name in names:
@@ -219,6 +235,12 @@ def read_spacing(path: Path) -> tuple[float, float, float]:
     if not np.all(np.isfinite(dims)) or np.any(dims <= 0):
         raise CtanError(path, f"voxel dimensions must be positive, found {dims.tolist()}")
     return float(dims[2]), float(dims[0]), float(dims[1])
+
+
+def reference_folders(root: Path, splits: tuple[str, ...] = ("test",)) -> list[Path]:
+    """The folders of ``splits`` that hold reference patients, as the challenge's scorer reads them."""
+    folders = _split_folders(root)
+    return [folders[s] for s in splits if s in folders]
 
 
 def patient_folder(root: Path, ref: CaseRef) -> Path:

@@ -263,20 +263,24 @@ def read_reference_patient(folder: Path) -> dict[str, object]:
     }
 
 
-def score_directories(reference: Path, predictions: Path) -> dict[str, object]:
-    """Score a folder of ``pt_*.csv`` predictions against a folder of reference ``pt_*/`` patients.
+def score_directories(reference: Path | list[Path], predictions: Path) -> dict[str, object]:
+    """Score a folder of ``pt_*.csv`` predictions against a folder of reference ``pt_*/`` patients
+    (or several: an external test set made of a whole release's split folders).
 
     Returns ``{"dose_score", "dvh_score", "patients": {pt: {"dose_score", "dvh_score", "dvh_count"}},
     "n_patients"}``
     with the challenge's aggregation (mean dose score over patients; DVH score pooled over all
     patients' metrics). Every reference patient needs a prediction and every prediction a reference.
     """
-    reference, predictions = Path(reference), Path(predictions)
-    if not reference.is_dir():
-        raise CtanError(reference, "reference folder does not exist")
+    folders = [Path(f) for f in reference] if isinstance(reference, list) else [Path(reference)]
+    reference, predictions = folders[0], Path(predictions)
+    for folder in folders:
+        if not folder.is_dir():
+            raise CtanError(folder, "reference folder does not exist")
     if not predictions.is_dir():
         raise CtanError(predictions, "predictions folder does not exist")
-    ref_ids = [p.name for p in reference.iterdir() if p.is_dir() and _PATIENT_ID.match(p.name)]
+    where = {p.name: p for f in folders for p in f.iterdir() if p.is_dir() and _PATIENT_ID.match(p.name)}
+    ref_ids = list(where)
     pred_ids = [p.stem for p in predictions.glob("pt_*.csv") if p.is_file() and _PATIENT_ID.match(p.stem)]
     if not ref_ids:
         raise CtanError(reference, "no reference patient folders pt_*/ found")
@@ -293,7 +297,7 @@ def score_directories(reference: Path, predictions: Path) -> dict[str, object]:
     all_reference: list[DvhMetrics] = []
     all_predicted: list[DvhMetrics] = []
     for pt in _sorted_patients(ref_ids):
-        ref = read_reference_patient(reference / pt)
+        ref = read_reference_patient(where[pt])
         predicted = read_sparse_csv(predictions / f"{pt}.csv", mask=False)
         result = score_patient(
             ref["dose"],  # type: ignore[arg-type]

@@ -117,16 +117,19 @@ def source_attrs(case: Case) -> dict[str, Any]:
     }
 
 
-def _refs_by_split(refs: Sequence[CaseRef], raw_dir: Path) -> dict[str, list[CaseRef]]:
-    by_split: dict[str, list[CaseRef]] = {s: [] for s in SPLITS}
+def _refs_by_split(
+    cases: Sequence[tuple[CaseRef, str]], raw_dir: Path, splits: Sequence[str] = SPLITS
+) -> dict[str, list[CaseRef]]:
+    """{split stored in: the references of its cases}; every one of ``splits`` needs a case."""
+    by_split: dict[str, list[CaseRef]] = {s: [] for s in splits}
     seen: set[str] = set()
-    for ref in refs:
-        if ref.split not in by_split:
-            raise CtanError(raw_dir, f"case {ref.case_id} has unknown split {ref.split!r}")
+    for ref, split in cases:
+        if split not in by_split:
+            raise CtanError(raw_dir, f"case {ref.case_id} has unknown split {split!r}")
         if ref.case_id in seen:
             raise CtanError(raw_dir, f"case id {ref.case_id} appears more than once")
         seen.add(ref.case_id)
-        by_split[ref.split].append(ref)
+        by_split[split].append(ref)
     empty = [s for s, r in by_split.items() if not r]
     if empty:
         raise CtanError(raw_dir, f"no cases in split(s) {', '.join(empty)}; every split needs at least one")
@@ -152,9 +155,42 @@ def _up_to_date(out: Path, phash: str, source_sha256: str | None) -> bool:
     return manifest.get("params_hash") == phash and manifest.get("source_sha256") == source_sha256
 
 
-def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
-    """Write ``settings.preprocessed_dir`` (see the module docstring); return that folder."""
-    from ctan.datasets import find_root, get_reader
+def check_external_data(
+    settings: DatasetSettings, training: DatasetSettings, reader: ModuleType, root: Path
+) -> None:
+    """Refuse an external test set whose structure channels or classes differ from its training set's,
+    named from the training set's download, so that this fails before anything trains on it."""
+    from ctan.datasets import find_root
+    from ctan.manifest import compatibility_problems
+
+    train_raw = Path(training.raw_dir)
+    if not (train_raw / "source.json").is_file():
+        raise CtanError(train_raw, f"not downloaded; run `ctan download {training.name}` first")
+    train_root = train_raw / training.subdir if training.subdir else find_root(train_raw, training.format)
+    describe = {
+        "structure_names": lambda r: _names(reader, r, "structure_names", "STRUCTURES"),
+        "class_names": lambda r: _names(reader, r, "class_names", "CLASS_NAMES"),
+    }
+    problems = compatibility_problems(
+        {k: f(train_root) for k, f in describe.items()}, {k: f(root) for k, f in describe.items()}
+    )
+    if problems:
+        raise CtanError(
+            root,
+            f"external test set {settings.name} does not match its training dataset {training.name}: "
+            + "; ".join(problems),
+        )
+
+
+def preprocess_dataset(
+    settings: DatasetSettings, force: bool = False, training: DatasetSettings | None = None
+) -> Path:
+    """Write ``settings.preprocessed_dir`` (see the module docstring); return that folder.
+
+    An external test set (``settings.external_of``) needs its training dataset's settings as
+    ``training``: its cases are checked against that set's, and all written to ``test.zarr``.
+    """
+    from ctan.datasets import dataset_cases, find_root, get_reader
     from ctan.store import create_split, write_case
 
     started = time.perf_counter()
@@ -177,7 +213,12 @@ def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
         offered = ", ".join(reader.TASKS)
         raise CtanError(None, f"format {settings.format} offers no task {', '.join(unknown)} ({offered})")
     root = raw_dir / settings.subdir if settings.subdir else find_root(raw_dir, settings.format)
-    by_split = _refs_by_split(reader.list_cases(root, settings.split), raw_dir)
+    if settings.external_of:
+        if training is None or training.name != settings.external_of:
+            raise CtanError(None, f"{settings.name}: pass the settings of {settings.external_of}")
+        check_external_data(settings, training, reader, root)
+    splits = ("test",) if settings.external_of else SPLITS
+    by_split = _refs_by_split(dataset_cases(settings, root), raw_dir, splits)
 
     out = Path(settings.preprocessed_dir)
     phash = params_hash(settings.data_section)
@@ -200,6 +241,7 @@ def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     data = work / "data"
     entries: list[dict[str, Any]] = []
+    channels: set[int] = set()
     total = sum(len(r) for r in by_split.values())
     try:
         data.mkdir()
@@ -221,6 +263,8 @@ def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
                 )
                 for ref in refs:
                     case = _read(reader, root, ref)
+                    case.split = split  # an external test set's cases are test cases, whatever their folder
+                    channels.add(int(case.image.shape[0]))
                     check_case(case, spatial_dims, root, spatial_dims == 3 or shape is None, names)
                     hashes = write_case(store, resample_case(case, spacing, shape), extra=source_attrs(case))
                     entries.append(case_entry(ref.case_id, split, source_hashes(case, raw_dir), hashes))
@@ -235,6 +279,9 @@ def preprocess_dataset(settings: DatasetSettings, force: bool = False) -> Path:
             class_names=classes,
             tasks=list(settings.tasks),
             cases=entries,
+            image_channels=min(channels) if len(channels) == 1 else None,
+            plan={"dataset": settings.external_of or settings.name, **settings.preprocess},
+            external_of=settings.external_of,
         )
         write_manifest(data, manifest)
         if out.exists():

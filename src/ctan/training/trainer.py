@@ -153,7 +153,7 @@ def train(
     from ctan.loader import CaseDataset
     from ctan.models import build_model
 
-    settings = dataset_settings(params, dataset)
+    settings = dataset_settings(params, dataset).trainable()
     if arch == "stl" and task is None:
         return [p for t in settings.tasks for p in train(params, dataset, arch, seed, t, device, out, tuned)]
     if arch != "stl" and task is not None:

@@ -73,7 +73,7 @@ def tune(
     """Train every grid point, score it on validation, write and return the choice file(s)."""
     from ctan.training.trainer import train
 
-    settings = dataset_settings(params, dataset)
+    settings = dataset_settings(params, dataset).trainable()
     if arch == "stl" and task is None:
         return [p for t in settings.tasks for p in tune(params, dataset, arch, t, device)]
     if arch != "stl" and task is not None:
