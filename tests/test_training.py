@@ -147,3 +147,24 @@ def test_task_flag_is_only_for_stl(prepared, capsys):
         + ["--dataset", "ham10000_demo", "--arch", "hps", "--seed", "0", "--task", "lesion"]
     )
     assert code == 2 and "--task is for --arch stl only" in capsys.readouterr().err
+
+
+def test_precision_and_memory_format_options(prepared):
+    """channels_last trains the same model (within float rounding); bf16 autocast runs on the CPU."""
+    torch.set_num_threads(1)
+
+    def run(**training) -> tuple[dict[str, torch.Tensor], dict]:
+        params = _params(prepared, 1)
+        params = dict(params, training={**params["training"], **training})
+        out = train(params, "ham10000_demo", "ctan", 0, device="cpu")[0]
+        history = json.loads((out / "history.json").read_text())
+        return _weights(out / "model.pt"), history["epochs"][-1]
+
+    plain, plain_record = run(precision="fp32", channels_last=False)
+    last, last_record = run(precision="fp32", channels_last=True)
+    assert plain.keys() == last.keys()
+    for split in ("train_loss", "val_loss"):  # (Adam turns rounding in near-zero gradients into steps)
+        for task, loss in plain_record[split].items():
+            assert last_record[split][task] == pytest.approx(loss, rel=1e-4), (split, task)
+    _, record = run(precision="bf16")
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
