@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("workflow_wall", REPO / "benchmarks" / "workflow_wall.py")
-workflow_wall = importlib.util.module_from_spec(spec)
+workflow_wall = sys.modules["workflow_wall"] = importlib.util.module_from_spec(spec)  # dataclasses need it
 spec.loader.exec_module(workflow_wall)
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
