@@ -74,7 +74,8 @@ def perturbed_outputs(
     model: torch.nn.Module, x: torch.Tensor, prefix: str, task: str
 ) -> dict[str, torch.Tensor]:
     """Outputs after adding noise to every parameter whose name starts with ``prefix``; in a
-    task-stacked SoftMask (CTAE's, named ``ctae.masks.<stage>.``) only to ``task``'s block of channels."""
+    task-stacked SoftMask (CTAE's and MTAN's encoder masks, named ``ctae.masks.<stage>.``,
+    ``encoder_masks.<stage>.``) only to ``task``'s block of channels."""
     params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
     assert params, f"no parameter starts with {prefix!r}"
     module = model.get_submodule(prefix.rstrip("."))
@@ -102,8 +103,8 @@ COUPLING = [
     ("hps", "dense+dense-3d", "decoders.structures.", "structures", "dose", False),
     ("hps", "dense+image-2d", "heads.diagnosis.", "diagnosis", "lesion", False),
     ("hps", "dense+image-2d", "decoders.lesion.", "lesion", "diagnosis", False),
-    ("mtan", "dense+dense-3d", "encoder_masks.structures.", "structures", "dose", False),
-    ("mtan", "dense+image-2d", "encoder_masks.lesion.", "lesion", "diagnosis", False),
+    ("mtan", "dense+dense-3d", "encoder_masks.1.", "structures", "dose", False),
+    ("mtan", "dense+image-2d", "encoder_masks.1.", "lesion", "diagnosis", False),
     ("stl", "dense+image-2d", "nets.diagnosis.", "diagnosis", "lesion", False),
 ]
 

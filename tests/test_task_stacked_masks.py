@@ -1,4 +1,4 @@
-"""Task-stacked attention masks compute what one mask module per task computed, for the same weights."""
+"""Task-stacked attention masks (CTAE, MTAN) compute what one mask module per task computed, same weights."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctan.models import build_model
 from ctan.models.backbone import Encoder, stage_channels
 from ctan.models.blocks import ConvNormAct, SoftMask, pointwise_conv
 from ctan.models.ctan import CrossTaskAttentionEncoder
+from ctan.tasks import Task
 
 TOLERANCE = 1e-5
 
@@ -151,3 +153,69 @@ def test_shared_input_is_stacked_copies() -> None:
     perturb(mask, 0)
     x = torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(mask(x, shared_input=True), mask(torch.cat([x] * 3, dim=1)), atol=1e-6, rtol=0)
+
+
+def unstacked(mask: SoftMask) -> list[SoftMask]:
+    """The single-task masks a task-stacked one holds."""
+    conv = mask[0]
+    out = []
+    for t in range(mask.tasks):
+        single = SoftMask(
+            conv.weight.dim() - 2, conv.in_channels // mask.tasks, conv.out_channels // mask.tasks
+        )
+        with torch.no_grad():
+            for i in (0, 1, 3, 4):
+                for name, param in single[i].named_parameters(recurse=False):
+                    rows = param.shape[0]
+                    param.copy_(getattr(mask[i], name)[t * rows : (t + 1) * rows])
+        out.append(single)
+    return out
+
+
+def per_task_mtan(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MTAN's forward as it was before its encoder masks were stacked: a loop over tasks."""
+    from ctan.models.blocks import upsample
+
+    masks = list(zip(*(unstacked(m) for m in model.encoder_masks), strict=True))  # [task][stage]
+    shared = model.encoder.features(x)
+    skips = [out for _, out in shared[:-1]]
+    if model.dense_tasks:
+        g = shared[-1][1]
+        ups, decs = [g] * model.depth, [g] * model.depth
+        for k in reversed(range(model.depth)):
+            ups[k] = model.decoder.ups[k](g)
+            g = decs[k] = model.decoder.blocks[k](torch.cat([ups[k], skips[k]], dim=1))
+    out = {}
+    for i, task in enumerate(model.tasks):
+        a = None
+        for j, (first, stage_out) in enumerate(shared):
+            attended = masks[i][j](first if a is None else torch.cat([first, a], dim=1)) * stage_out
+            if j < model.depth:
+                a = model.pool(model.encoder_att_convs[j](attended))
+        if task.dense:
+            for k in reversed(range(model.depth)):
+                b = model.decoder_att_convs[k](upsample(attended))
+                attended = model.decoder_masks[task.name][k](torch.cat([ups[k], b], dim=1)) * decs[k]
+        out[task.name] = model.heads[task.name](attended)
+    return out
+
+
+DOSE = Task("dose", "regression", "dose", channels=1)
+STRUCTURES = Task("structures", "segmentation", "structures", channels=3, multilabel=True)
+LESION = Task("lesion", "segmentation", "lesion", channels=1)
+DIAGNOSIS = Task("diagnosis", "classification", "diagnosis", classes=7)
+COVID = Task("covid", "classification", "covid", classes=2)
+MTAN_CASES = [([DOSE, STRUCTURES], 3, 1), ([LESION, DIAGNOSIS], 2, 3), ([DOSE, STRUCTURES, COVID], 3, 1)]
+MTAN_CASES += [([LESION], 2, 3)]
+
+
+@pytest.mark.parametrize(("tasks", "dims", "channels"), MTAN_CASES)
+def test_stacked_mtan_matches_per_task_mtan(tasks: list[Task], dims: int, channels: int) -> None:
+    torch.manual_seed(0)
+    model = build_model("mtan", tasks, channels, dims, 4, 2)
+    perturb(model, 1)
+    x = torch.randn(2, channels, *([16] * dims), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, out = per_task_mtan(model, x), model(x)
+    for name, value in expected.items():
+        torch.testing.assert_close(out[name], value, atol=TOLERANCE, rtol=0)
