@@ -3,14 +3,20 @@
     python benchmarks/models.py --table              # params + MACs, demo and paper-scale configs
     python benchmarks/models.py                      # fwd+bwd time and peak memory, demo configs
     python benchmarks/models.py --profile ctan --datasets stoic_demo   # where the time goes
+    python benchmarks/models.py --params params.yaml --params config/real-sample.yaml \
+        --threads 1 --archs hps ctan mtan                                # real-sample shapes
 
-Demo configurations come from params.yaml (shape, batch size, width, depth, attention heads). The
+Configurations come from params.yaml, or from several --params files merged in order as the `ctan`
+CLI merges them (shape, batch size, width, depth, attention heads). The
 paper-scale ones are our assumption (the paper gives no sizes): see PAPER_SCALE. MACs are counted by
 torch.utils.flop_counter.FlopCounterMode on a batch of one (FLOPs / 2; convolutions, matmuls and
 attention only, no element-wise ops). Step times are medians, measured round-robin over the
 architectures in one process so that load from other processes hits all alike. Peak memory is measured
 in a fresh subprocess per architecture: the peak RSS (VmHWM, reset once the model and batch exist)
 minus the RSS at that point, or torch.cuda.max_memory_allocated minus the allocated memory on CUDA.
+Achieved FLOP/s are a training step's FLOPs (FlopCounterMode over forward and backward: convolutions,
+matmuls, attention) over its median time, also given as a share of the FLOP/s of an fp32 matrix product
+measured in the same process between the timed rounds (so that machine load hits both alike).
 """
 
 from __future__ import annotations
@@ -87,8 +93,8 @@ PAPER_SCALE = [
 ]
 
 
-def demo_configs(params_file: Path) -> list[Config]:
-    params = load_params([params_file])
+def demo_configs(params_files: list[Path]) -> list[Config]:
+    params = load_params(params_files)
     out = []
     for name in params["run"]["datasets"]:
         s = dataset_settings(params, name)
@@ -147,19 +153,51 @@ def setup(cfg: Config, arch: str, device: str) -> tuple[torch.nn.Module, torch.T
     return model, torch.randn(cfg.batch_size, IN_CHANNELS[cfg.format], *cfg.shape, device=device)
 
 
-def step_times(cfg: Config, archs: list[str], steps: int, device: str) -> dict[str, float]:
+MATMUL_SIZE = 1024
+
+
+def matmul_seconds(device: str) -> float:
+    """Seconds of one fp32 MATMUL_SIZE² matrix product (2 * n³ FLOPs)."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device)
+    a @ b
+    if a.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    c = a @ b
+    if c.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one training step (forward and backward) as FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        training_step(model, x)
+    return counter.get_total_flops()
+
+
+def step_times(
+    cfg: Config, archs: list[str], steps: int, device: str
+) -> tuple[dict[str, float], dict[str, int], float]:
     """Median fwd+bwd seconds per architecture, timed round-robin so that load from other processes
-    on a shared machine hits every architecture alike."""
+    on a shared machine hits every architecture alike; the step FLOPs of each; and the median fp32
+    matmul FLOP/s, measured once per round between the architectures."""
     setups = {a: setup(cfg, a, device) for a in archs}
-    for model, x in setups.values():
+    flops = {}
+    for a, (model, x) in setups.items():
         training_step(model, x)  # warm-up: allocator, oneDNN primitive cache
+        flops[a] = step_flops(model, x)
     times: dict[str, list[float]] = {a: [] for a in archs}
+    matmul: list[float] = []
     for _ in range(steps):
+        matmul.append(2 * MATMUL_SIZE**3 / matmul_seconds(device))
         for a, (model, x) in setups.items():
             t0 = time.perf_counter()
             training_step(model, x)
             times[a].append(time.perf_counter() - t0)
-    return {a: statistics.median(t) for a, t in times.items()}
+    return {a: statistics.median(t) for a, t in times.items()}, flops, statistics.median(matmul)
 
 
 def _status_kib(field: str) -> int:
@@ -261,7 +299,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", action="store_true", help="parameter and MAC table (no timing)")
     ap.add_argument("--profile", metavar="ARCH", help="torch.profiler table of one training step")
-    ap.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    ap.add_argument(
+        "--params",
+        type=Path,
+        action="append",
+        help="parameter file; repeat to merge overrides in order, as the ctan CLI does "
+        "(default: params.yaml)",
+    )
     ap.add_argument("--datasets", nargs="*", help="demo datasets to time (default: run.datasets)")
     ap.add_argument("--archs", nargs="*", default=list(ARCHITECTURES), choices=ARCHITECTURES)
     ap.add_argument("--steps", type=int, default=7, help="timed steps per architecture, after a warm-up")
@@ -272,7 +316,7 @@ def main() -> None:
     if args.worker:
         return run_worker(args.worker)
 
-    configs = demo_configs(args.params)
+    configs = demo_configs(args.params or [REPO / "params.yaml"])
     if args.datasets:
         configs = [c for c in configs if c.name in args.datasets]
     if args.table:
@@ -287,23 +331,36 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, {args.steps} steps\n")
-    times, mems, ratios = [], [], []
+    times, rates, mems, ratios = [], [], [], []
     for cfg in configs:
-        seconds = step_times(cfg, args.archs, args.steps, args.device)
+        seconds, flops, matmul = step_times(cfg, args.archs, args.steps, args.device)
         peak = {a: measure_memory(cfg, a, args.threads, args.device) for a in args.archs}
         label = f"{describe(cfg)}, batch {cfg.batch_size}"
         times.append([label] + [f"{seconds[a] * 1000:.0f}" for a in args.archs])
+        achieved = {a: flops[a] / seconds[a] for a in args.archs}
+        rates.append(
+            [label, f"{matmul / 1e9:.0f}"]
+            + [f"{achieved[a] / 1e9:.1f} ({100 * achieved[a] / matmul:.0f} %)" for a in args.archs]
+        )
         mems.append([label] + [f"{peak[a]:.0f}" for a in args.archs])
         if "ctan" in seconds and "hps" in seconds:
-            ratios.append([cfg.name, f"{seconds['ctan'] / seconds['hps']:.2f}"])
+            ratios.append(
+                [
+                    cfg.name,
+                    f"{seconds['ctan'] / seconds['hps']:.2f}",
+                    f"{flops['ctan'] / flops['hps']:.2f}",
+                ]
+            )
         print(f"measured {cfg.name}", file=sys.stderr)
     print("Training step (forward + backward), median ms\n")
     print(markdown(["configuration", *args.archs], times))
+    print("\nAchieved GFLOP/s of a training step (share of an fp32 matmul's in the same process)\n")
+    print(markdown(["configuration", f"fp32 matmul {MATMUL_SIZE}²", *args.archs], rates))
     print("\nPeak memory of a training step beyond model and batch (RSS or CUDA allocated), MiB\n")
     print(markdown(["configuration", *args.archs], mems))
     if ratios:
-        print("\nCTAN / HPS step time\n")
-        print(markdown(["dataset", "ctan / hps"], ratios))
+        print("\nCTAN / HPS\n")
+        print(markdown(["dataset", "step time", "training-step FLOPs"], ratios))
 
 
 if __name__ == "__main__":

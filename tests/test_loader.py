@@ -26,10 +26,25 @@ from ctan.tasks import Task
 
 WINDOW = [-1000.0, 1500.0]
 STRUCTURES = ["LeftParotid", "RightParotid", "PTV70"]
-DOSE = Task("dose", "regression", "dose", primary_metric="dose_score", higher_is_better=False)
-SEG = Task("structures", "segmentation", "structures", channels=3, multilabel=True, primary_metric="dice")
-LESION = Task("lesion", "segmentation", "lesion", primary_metric="jaccard")
-DIAGNOSIS = Task("diagnosis", "classification", "diagnosis", classes=7, primary_metric="balanced_accuracy")
+DOSE = Task("dose", "regression", "dose", metrics=("dose_score",), primary_metrics=("dose_score",))
+SEG = Task(
+    "structures",
+    "segmentation",
+    "structures",
+    channels=3,
+    multilabel=True,
+    metrics=("dice",),
+    primary_metrics=("dice",),
+)
+LESION = Task("lesion", "segmentation", "lesion", metrics=("jaccard",), primary_metrics=("jaccard",))
+DIAGNOSIS = Task(
+    "diagnosis",
+    "classification",
+    "diagnosis",
+    classes=7,
+    metrics=("balanced_accuracy",),
+    primary_metrics=("balanced_accuracy",),
+)
 SHAPE_3D = (6, 8, 10)  # (z, y, x); x even so that the left and right halves mirror each other
 
 
@@ -264,3 +279,51 @@ def test_cached_items_equal_read_items_and_the_cache_keeps_its_budget(ct_store):
     tiny = CaseDataset(ct_store, "train", [DOSE, SEG], cache_mb=0)
     tiny[0]
     assert tiny._cached == 0 and not any(isinstance(v, np.ndarray) for v in tiny._arrays.values())
+
+
+def test_preloaded_items_equal_read_items(ct_store, rgb_store):
+    """The one-pass preload (shards decoded without zarr) gives exactly the items zarr reads give."""
+    cases = [(ct_store, [DOSE, SEG], (4, 6, 6)), (rgb_store, [LESION, DIAGNOSIS], None)]
+    for store, tasks, patch in cases:
+        plain = CaseDataset(store, "train", tasks, patch_size=patch, augment=True, seed=3)
+        loaded = CaseDataset(store, "train", tasks, patch_size=patch, augment=True, seed=3, cache_mb=64)
+        loaded._open()
+        names = loaded._needed_arrays()
+        assert len(loaded._arrays) == len(loaded) * len(names)  # everything came from the preload
+        assert loaded._attrs == {c: loaded._open().case_attrs(c) for c in loaded.case_ids}
+        for epoch in (1, 2):
+            plain.set_epoch(epoch)
+            loaded.set_epoch(epoch)
+            for i in range(len(plain)):
+                a, b = plain[i], loaded[i]
+                assert a.keys() == b.keys()
+                for key, value in a.items():
+                    if torch.is_tensor(value):
+                        assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 5), (1, 3, 130, 4), (3, 8, 8)])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16])
+def test_read_shard_decodes_what_zarr_reads(tmp_path, shape, dtype):
+    """Several inner chunks, partial edge chunks, an empty chunk and an all-fill array."""
+    import zarr
+
+    from ctan.loader import read_shard
+    from ctan.store import _COMPRESSOR, _chunks, _shards
+
+    rng = np.random.default_rng(0)
+    data = (rng.uniform(0, 100, shape)).astype(dtype)
+    data[0] = 0  # the first channel's chunks hold only the fill value: zarr leaves them out
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    chunks = _chunks(shape)
+    for name, values in (("a", data), ("zeros", np.zeros(shape, dtype))):
+        group.create_array(
+            name, data=values, chunks=chunks, shards=_shards(shape, chunks), compressors=_COMPRESSOR
+        )
+        expected = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")[name][...]
+        out = read_shard(tmp_path / "s.zarr" / name)
+        assert out is not None and out.dtype == expected.dtype and np.array_equal(out, expected)
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w", zarr_format=3).create_array("a", data=data, chunks=chunks)
+    assert read_shard(plain / "a") is None  # not a layout it knows: the loader reads through zarr
+    assert read_shard(tmp_path / "missing") is None

@@ -8,6 +8,7 @@ import torch
 from ctan import cli
 from ctan.errors import CtanError
 from ctan.models import ARCHITECTURES, build_model
+from ctan.models.blocks import SoftMask
 from ctan.tasks import Task
 
 WIDTH, DEPTH, HEADS = 4, 2, 2
@@ -85,33 +86,41 @@ def test_ctab_starts_as_the_identity() -> None:
         assert torch.equal(out[n], features[n])
 
 
-def perturbed_outputs(model: torch.nn.Module, x: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    """Outputs after adding noise to every parameter whose name starts with ``prefix``."""
+def perturbed_outputs(
+    model: torch.nn.Module, x: torch.Tensor, prefix: str, task: str
+) -> dict[str, torch.Tensor]:
+    """Outputs after adding noise to every parameter whose name starts with ``prefix``; in a
+    task-stacked SoftMask (CTAE's and MTAN's encoder masks, named ``ctae.masks.<stage>.``,
+    ``encoder_masks.<stage>.``) only to ``task``'s block of channels."""
     params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
     assert params, f"no parameter starts with {prefix!r}"
+    module = model.get_submodule(prefix.rstrip("."))
+    tasks = module.tasks if isinstance(module, SoftMask) else 1
+    index = [t.name for t in model.tasks].index(task) if tasks > 1 else 0
     with torch.no_grad():
         for p in params:
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+            rows = p[index * (p.shape[0] // tasks) : (index + 1) * (p.shape[0] // tasks)]
+            rows.add_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(7)))
         return model(x)
 
 
 # (arch, mix, parameters owned by task B, task B, task A, does A's output change?)
 COUPLING = [
-    ("ctan", "dense+dense-3d", "ctae.masks.structures.1.", "structures", "dose", True),
-    ("ctan", "dense+image-2d", "ctae.masks.diagnosis.1.", "diagnosis", "lesion", True),
-    ("ctan", "dense+image-2d", "ctae.masks.lesion.1.", "lesion", "diagnosis", True),
-    ("ctan", "three-tasks-3d", "ctae.masks.covid.1.", "covid", "dose", True),
+    ("ctan", "dense+dense-3d", "ctae.masks.1.", "structures", "dose", True),
+    ("ctan", "dense+image-2d", "ctae.masks.1.", "diagnosis", "lesion", True),
+    ("ctan", "dense+image-2d", "ctae.masks.1.", "lesion", "diagnosis", True),
+    ("ctan", "three-tasks-3d", "ctae.masks.1.", "covid", "dose", True),
     # The bottleneck-stage mask reaches the other task only through CTAB.
-    ("ctan", "dense+dense-3d", f"ctae.masks.structures.{DEPTH}.", "structures", "dose", True),
-    ("ctan_no_ctab", "dense+dense-3d", f"ctae.masks.structures.{DEPTH}.", "structures", "dose", False),
-    ("ctan_no_ctab", "dense+dense-3d", "ctae.masks.structures.1.", "structures", "dose", True),
+    ("ctan", "dense+dense-3d", f"ctae.masks.{DEPTH}.", "structures", "dose", True),
+    ("ctan_no_ctab", "dense+dense-3d", f"ctae.masks.{DEPTH}.", "structures", "dose", False),
+    ("ctan_no_ctab", "dense+dense-3d", "ctae.masks.1.", "structures", "dose", True),
     # Without CTAE every task's bottleneck is the shared one: CTAB only mixes identical features.
     ("ctan_no_ctae", "dense+image-2d", "ctab.attention.diagnosis.", "diagnosis", "lesion", False),
     ("hps", "dense+dense-3d", "decoders.structures.", "structures", "dose", False),
     ("hps", "dense+image-2d", "heads.diagnosis.", "diagnosis", "lesion", False),
     ("hps", "dense+image-2d", "decoders.lesion.", "lesion", "diagnosis", False),
-    ("mtan", "dense+dense-3d", "encoder_masks.structures.", "structures", "dose", False),
-    ("mtan", "dense+image-2d", "encoder_masks.lesion.", "lesion", "diagnosis", False),
+    ("mtan", "dense+dense-3d", "encoder_masks.1.", "structures", "dose", False),
+    ("mtan", "dense+image-2d", "encoder_masks.1.", "lesion", "diagnosis", False),
     ("stl", "dense+image-2d", "nets.diagnosis.", "diagnosis", "lesion", False),
 ]
 
@@ -125,7 +134,7 @@ def test_task_coupling(arch: str, mix: str, owned_by_b: str, task_b: str, task_a
             if name.startswith("ctab.") and ".out_proj." in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(11)) * 0.1)
         before = model(x)
-    after = perturbed_outputs(model, x, owned_by_b)
+    after = perturbed_outputs(model, x, owned_by_b, task_b)
     assert not torch.allclose(before[task_b], after[task_b]), "perturbing task B must change task B"
     assert (not torch.equal(before[task_a], after[task_a])) == coupled
 

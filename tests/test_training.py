@@ -187,3 +187,24 @@ def test_training_code_hash_covers_what_snakemake_reruns_train_for():
     listed = ", ".join(f'"{entry}"' for entry in checkpoint.TRAINING_CODE)
     assert f'"train": [{listed}]' in (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert checkpoint.code_hash() == checkpoint.code_hash()
+
+
+def test_precision_and_memory_format_options(prepared):
+    """channels_last trains the same model (within float rounding); bf16 autocast runs on the CPU."""
+    torch.set_num_threads(1)
+
+    def run(**training) -> tuple[dict[str, torch.Tensor], dict]:
+        params = _params(prepared, 1)
+        params = dict(params, training={**params["training"], **training})
+        out = train(params, "ham10000_demo", "ctan", 0, device="cpu")[0]
+        history = json.loads((out / "history.json").read_text())
+        return _weights(out / "model.pt"), history["epochs"][-1]
+
+    plain, plain_record = run(precision="fp32", channels_last=False)
+    last, last_record = run(precision="fp32", channels_last=True)
+    assert plain.keys() == last.keys()
+    for split in ("train_loss", "val_loss"):  # (Adam turns rounding in near-zero gradients into steps)
+        for task, loss in plain_record[split].items():
+            assert last_record[split][task] == pytest.approx(loss, rel=1e-4), (split, task)
+    _, record = run(precision="bf16")
+    assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())

@@ -11,6 +11,10 @@ Why it looks like this:
 - Decoded cases are kept in memory up to ``cache_mb`` per process: Zarr's fixed cost per read (about a
   millisecond an array) otherwise dominates small 2D items. A cached case is the same array a read
   would give, so caching never changes what an item holds.
+- The cache is filled in one pass when a process first reads the split (`CaseDataset.preload`), case
+  after case until ``cache_mb`` is used: each array is decoded straight from its shard file
+  (`read_shard`, ~20x less overhead than a read through zarr for a small 2D array), so the first epoch
+  does not wait on per-item reads. Arrays in any layout `read_shard` does not know go through zarr.
 
 Augmentation (``augment=True``): 3D random patches of ``patch_size`` and random flips along each axis
 (a flip along x, the patient's left-right axis, also swaps the channels of paired Left/Right
@@ -21,6 +25,7 @@ the whole case.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -28,13 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numcodecs.blosc
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ctan.errors import CtanError
 from ctan.preprocess.intensity import normalise_ct, normalise_rgb
-from ctan.store import SplitStore
+from ctan.store import SplitStore, array_folder
 from ctan.tasks import Task
 
 FLIP_PROBABILITY = 0.5
@@ -76,6 +82,62 @@ def read_window(array: Any, start: Sequence[int], size: Sequence[int], fill: flo
     if any(before or after for before, after in pad):
         data = np.pad(data, [(0, 0), *pad], constant_values=fill)
     return data
+
+
+_EMPTY = 2**64 - 1  # a shard index entry for a chunk that was never written (all fill value)
+
+
+def read_shard(path: Path) -> np.ndarray | None:
+    """The whole array at ``path`` (a Zarr v3 array folder), decoded directly from its single shard, or
+    None unless it is laid out as `ctan.store` writes arrays: one shard holding the whole array, inner
+    chunks of bytes + Blosc, the shard index (little-endian, CRC32C) at the end."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        shape = tuple(meta["shape"])
+        shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])  # one shard: >= shape
+        (codec,) = meta["codecs"]
+        config = codec["configuration"]
+        inner = [c["name"] for c in config["codecs"]]
+        index_codecs = [(c["name"], c.get("configuration", {}).get("endian")) for c in config["index_codecs"]]
+        layout_known = (
+            meta.get("zarr_format") == 3
+            and meta.get("node_type") == "array"
+            and not meta.get("storage_transformers")
+            and meta["chunk_grid"]["name"] == "regular"
+            and len(shard_shape) == len(shape)
+            and all(a >= b for a, b in zip(shard_shape, shape, strict=True))
+            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+            and codec["name"] == "sharding_indexed"
+            and config.get("index_location", "end") == "end"
+            and index_codecs == [("bytes", "little"), ("crc32c", None)]
+            and inner == ["bytes", "blosc"]
+            and config["codecs"][0].get("configuration", {}).get("endian") in (None, "little")
+        )
+        if not layout_known:
+            return None
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        chunk = tuple(config["chunk_shape"])
+        fill = meta["fill_value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    out = np.full(shape, fill, dtype=dtype)
+    shard = path / "c" / "/".join("0" * len(shape))
+    if not shard.is_file():  # zarr does not write a shard that holds only the fill value
+        return out
+    data = shard.read_bytes()
+    grid = tuple(s // c for s, c in zip(shard_shape, chunk, strict=True))
+    entries = int(np.prod(grid))
+    index = np.frombuffer(data, "<u8", count=2 * entries, offset=len(data) - 16 * entries - 4)
+    for i, at in enumerate(np.ndindex(*grid)):
+        offset, length = int(index[2 * i]), int(index[2 * i + 1])
+        outside = any(a * c >= s for a, c, s in zip(at, chunk, shape, strict=True))
+        if outside or (offset == _EMPTY and length == _EMPTY):
+            continue
+        block = np.frombuffer(numcodecs.blosc.decompress(data[offset : offset + length]), dtype)
+        block = block.reshape(chunk)
+        region = tuple(slice(a * c, min((a + 1) * c, s)) for a, c, s in zip(at, chunk, shape, strict=True))
+        out[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+    return out.astype(dtype.newbyteorder("="), copy=False)
 
 
 def flip(array: np.ndarray, axes: Sequence[int]) -> np.ndarray:
@@ -207,7 +269,29 @@ class CaseDataset(Dataset):
             self._store = SplitStore.open(self.path)
             self._pid = os.getpid()
             self._arrays, self._attrs, self._cached = {}, {}, 0
+            self.preload()
         return self._store
+
+    def _needed_arrays(self) -> list[str]:
+        names = ["image", *(t.target for t in self.tasks if t.dense)]
+        return names + (["possible_dose_mask"] if self._with_dose_mask else [])
+
+    def preload(self) -> None:
+        """Fill this process's cache in one pass over the split, case by case, up to ``cache_mb``."""
+        for case_id in self.case_ids:
+            try:  # the case's attributes, from its group's zarr.json, as `SplitStore.case_attrs` reads them
+                meta = json.loads((self.path / case_id / "zarr.json").read_text())
+                self._attrs.setdefault(case_id, dict(meta["attributes"]["ctan"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            for name in self._needed_arrays():
+                if (case_id, name) in self._arrays:
+                    continue
+                array = read_shard(array_folder(self.path / case_id, name))
+                if array is None or self._cached + array.nbytes > self.cache_bytes:
+                    return
+                self._arrays[case_id, name] = array
+                self._cached += array.nbytes
 
     def _array(self, case_id: str, name: str) -> Any:
         key = (case_id, name)

@@ -135,6 +135,14 @@ def create_split(path: Path, attrs: dict[str, Any]) -> zarr.Group:
     return root
 
 
+def array_folder(case_dir: Path, name: str) -> Path:
+    """Where array ``name`` of a case lives on disk: ``labels/<name>/0`` for a label, else ``<name>``
+    (also for stores written before ``labels/`` existed). For readers that bypass zarr (the loader's
+    one-pass preload); `SplitStore.array` is the zarr way."""
+    label = case_dir / LABELS / name / LEVEL
+    return label if (label / "zarr.json").is_file() else case_dir / name
+
+
 @dataclass
 class SplitStore:
     """Read access to one split store, as the loader and evaluator need it."""

@@ -31,38 +31,44 @@ from ctan.tasks import Task
 
 
 class CrossTaskAttentionEncoder(nn.Module):
-    """Per-task soft masks on each shared encoder stage, informed by the other tasks' features."""
+    """Per-task soft masks on each shared encoder stage, informed by the other tasks' features.
+
+    All tasks are computed at once: one task-stacked `SoftMask` per stage (grouped 1x1 convolutions)
+    and the shared down-sampling conv on the tasks stacked along the batch axis; the same function as
+    one mask per task, with a few operator calls per stage instead of a few per stage and task.
+    """
 
     def __init__(self, task_names: list[str], spatial_dims: int, width: int, depth: int) -> None:
         super().__init__()
         ch = stage_channels(width, depth)
         others = 1 if len(task_names) > 1 else 0
         self.task_names = list(task_names)
-        self.masks = nn.ModuleDict(
-            {
-                name: nn.ModuleList(
-                    SoftMask(spatial_dims, ch[j] if j == 0 else (2 + others) * ch[j], ch[j])
-                    for j in range(depth + 1)
-                )
-                for name in task_names
-            }
-        )
+        # Built per task first, in the order (task, stage) a per-task ModuleDict would be, so that a
+        # seed gives the same initial weights as one mask module per task did.
+        per_task = [
+            [
+                SoftMask(spatial_dims, ch[j] if j == 0 else (2 + others) * ch[j], ch[j])
+                for j in range(depth + 1)
+            ]
+            for _ in task_names
+        ]
+        self.masks = nn.ModuleList(SoftMask.stacked([m[j] for m in per_task]) for j in range(depth + 1))
         # Shared between tasks, like MTAN's encoder_block_att (3x3 conv, then max-pool); here a 2x2(x2)
         # stride-2 conv: same output size, ~1/27 of the MACs in 3D and no max-pool (slow on CPU).
         self.down = nn.ModuleList(
             ConvNormAct(spatial_dims, ch[j], ch[j + 1], kernel_size=2, stride=2) for j in range(depth)
         )
 
-    def context(self, first: torch.Tensor, carried: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """What task ``name``'s mask sees: shared features, its own and the others' previous stage."""
-        if not carried:
-            return first
-        others = [carried[m] for m in self.task_names if m != name]
-        parts = [first, carried[name]]
-        if len(others) == 1:
-            parts.append(others[0])
-        elif others:
-            parts.append(torch.stack(others).mean(dim=0))
+    def context(self, first: torch.Tensor, carried: list[torch.Tensor]) -> torch.Tensor:
+        """What the masks see, task-stacked on channels: per task the shared features, its own and the
+        mean of the others' previous stage."""
+        n = len(carried)
+        if n == 1:
+            return torch.cat([first, carried[0]], dim=1)
+        if n == 2:
+            return torch.cat([first, carried[0], carried[1], first, carried[1], carried[0]], dim=1)
+        total = torch.stack(carried).sum(dim=0)
+        parts = [p for c in carried for p in (first, c, (total - c) / (n - 1))]
         return torch.cat(parts, dim=1)
 
     def forward(
@@ -71,17 +77,23 @@ class CrossTaskAttentionEncoder(nn.Module):
         """Per task: attended skip features of stages 0..depth-1, and attended bottleneck features."""
         names = self.task_names
         skips: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-        carried: dict[str, torch.Tensor] = {}
-        attended: dict[str, torch.Tensor] = {}
+        carried: list[torch.Tensor] = []
+        attended: list[torch.Tensor] = []
         for j, (first, stage_out) in enumerate(shared):
-            attended = {n: self.masks[n][j](self.context(first, carried, n)) * stage_out for n in names}
+            if carried:
+                mask = self.masks[j](self.context(first, carried))
+            else:
+                mask = self.masks[j](first, shared_input=True)
+            # (B, T*C, ...) -> (T, B, C, ...), times the shared stage output: every task's attended features.
+            stacked = mask.unflatten(1, (len(names), stage_out.shape[1])).transpose(0, 1) * stage_out
+            attended = list(stacked.unbind(0))
             if j < len(self.down):
-                for n in names:
-                    skips[n].append(attended[n])
+                for n, a in zip(names, attended, strict=True):
+                    skips[n].append(a)
                 # All tasks through the shared conv in one batch (GroupNorm is per sample: exact).
-                down = self.down[j](torch.cat([attended[n] for n in names], dim=0))
-                carried = dict(zip(names, down.chunk(len(names), dim=0), strict=True))
-        return skips, attended
+                down = self.down[j](stacked.flatten(0, 1))
+                carried = list(down.chunk(len(names), dim=0))
+        return skips, dict(zip(names, attended, strict=True))
 
 
 class CrossTaskAttentionBottleneck(nn.Module):

@@ -40,13 +40,14 @@ class MTAN(MultiTaskNet):
         self.encoder = Encoder(sd, in_channels, width, depth)
         # Shared convs of the attention path between encoder stages (reference: encoder_block_att).
         self.encoder_att_convs = nn.ModuleList(ConvNormAct(sd, ch[j], ch[j + 1]) for j in range(depth))
-        self.encoder_masks = nn.ModuleDict(
-            {
-                t.name: nn.ModuleList(
-                    SoftMask(sd, ch[j] if j == 0 else 2 * ch[j], ch[j]) for j in range(depth + 1)
-                )
-                for t in self.tasks
-            }
+        # All tasks' masks of a stage at once (task-stacked, see SoftMask); built per task first, in the
+        # order one module per task was, so that a seed gives the same initial weights.
+        per_task = [
+            [SoftMask(sd, ch[j] if j == 0 else 2 * ch[j], ch[j]) for j in range(depth + 1)]
+            for _ in self.tasks
+        ]
+        self.encoder_masks = nn.ModuleList(
+            SoftMask.stacked([m[j] for m in per_task]) for j in range(depth + 1)
         )
         self.pool = max_pool(sd)
         dense = self.dense_tasks
@@ -74,15 +75,25 @@ class MTAN(MultiTaskNet):
                 ups[k] = self.decoder.ups[k](g)
                 g = decs[k] = self.decoder.blocks[k](torch.cat([ups[k], skips[k]], dim=1))
 
+        # Encoder attention for all tasks at once: masks on task-stacked channels, the shared attention
+        # convs on the tasks stacked along the batch axis (GroupNorm is per sample: exact).
+        n_tasks = len(self.tasks)
+        a = None
+        for j, (first, stage_out) in enumerate(shared):
+            if a is None:
+                mask = self.encoder_masks[j](first, shared_input=True)
+            else:
+                mask = self.encoder_masks[j](
+                    torch.cat([p for c in a.chunk(n_tasks) for p in (first, c)], dim=1)
+                )
+            stacked = mask.unflatten(1, (n_tasks, stage_out.shape[1])).transpose(0, 1) * stage_out
+            if j < self.depth:
+                a = self.pool(self.encoder_att_convs[j](stacked.flatten(0, 1)))
+        encoded = stacked.unbind(0)
+
         out = {}
-        for task in self.tasks:
-            masks = self.encoder_masks[task.name]
-            a = None
-            for j, (first, stage_out) in enumerate(shared):
-                mask = masks[j](first if a is None else torch.cat([first, a], dim=1))
-                attended = mask * stage_out
-                if j < self.depth:
-                    a = self.pool(self.encoder_att_convs[j](attended))
+        for i, task in enumerate(self.tasks):
+            attended = encoded[i]
             if task.dense:
                 dec_masks = self.decoder_masks[task.name]
                 for k in reversed(range(self.depth)):

@@ -76,12 +76,45 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast: ``auto`` on CUDA only, ``bf16`` on CUDA and the CPU, ``fp32`` never."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type in ("cpu", "cuda"))
 
 
-def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str = "") -> dict[str, Any]:
-    """One pass over a loader; trains when an optimizer is given. Returns mean losses and metrics."""
+def memory_format(channels_last: bool, spatial_dims: int) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def _check_cpu_bf16(device: torch.device, precision: str) -> None:
+    if precision != "bf16" or device.type != "cpu":
+        return
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = True
+    if not native:
+        print(
+            "warning: precision bf16 on a CPU without native bf16 instructions (AVX-512 BF16 / AMX) is "
+            "several times slower than fp32"
+        )
+
+
+def run_epoch(
+    model,
+    weighting,
+    tasks,
+    loader,
+    device,
+    optimizer=None,
+    desc: str = "",
+    precision: str = "auto",
+    layout: torch.memory_format = torch.contiguous_format,
+) -> dict[str, Any]:
+    """One pass over a loader; trains when an optimizer is given. Returns mean losses and metrics.
+    ``precision`` chooses autocast (`_autocast`), ``layout`` the memory format of the images."""
     training = optimizer is not None
     model.train(training)
     sums: dict[str, float] = {t.name: 0.0 for t in tasks}
@@ -98,7 +131,8 @@ def run_epoch(model, weighting, tasks, loader, device, optimizer=None, desc: str
             break
         wait += time.perf_counter() - t0
         batch = to_device(batch, device)
-        with torch.set_grad_enabled(training), _autocast(device):
+        batch["image"] = batch["image"].contiguous(memory_format=layout)
+        with torch.set_grad_enabled(training), _autocast(device, precision):
             outputs = model(batch["image"])
             losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
         if training:
@@ -220,6 +254,10 @@ def train(
         depth=model_config["depth"],
         attention_heads=model_config["attention_heads"],
     ).to(dev)
+    precision = cfg.get("precision", "auto")
+    layout = memory_format(cfg.get("channels_last", False), model_config["spatial_dims"])
+    model = model.to(memory_format=layout)
+    _check_cpu_bf16(dev, precision)
     weighting = build_weighting(cfg["weighting"], [t.name for t in tasks], cfg["dwa_temperature"]).to(dev)
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg["optimizer"]]
     optimizer = opt_cls(
@@ -295,10 +333,14 @@ def train(
                 generator=shuffle,
                 num_workers=cfg["num_workers"],
             )
-            tr = run_epoch(model, weighting, tasks, loader, dev, optimizer, desc=f"epoch {epoch} train")
+            tr = run_epoch(
+                model, weighting, tasks, loader, dev, optimizer, f"epoch {epoch} train", precision, layout
+            )
             weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
             val_loader = DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False)
-            va = run_epoch(model, weighting, tasks, val_loader, dev, None, desc=f"epoch {epoch} val")
+            va = run_epoch(
+                model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout
+            )
             scheduler.step()
             record = {
                 "epoch": epoch,
