@@ -1,5 +1,5 @@
-"""Report figures and the metric table, on tiny arrays: files are written, are PNG/HTML, and the table
-carries the right numbers."""
+"""Report figures and the metric table, on tiny arrays: files are written, are non-blank PNG/HTML, the
+table carries the right numbers, and the DVH figure draws the curves its metrics are read from."""
 
 from __future__ import annotations
 
@@ -10,14 +10,32 @@ import numpy as np
 import pytest
 
 from ctan.errors import CtanError
-from ctan.plots import plot_delta_mtl, plot_examples, plot_learning_curves, write_metric_table
+from ctan.metrics import dose as dose_metrics
+from ctan.plots import (
+    comparison_delta_figure,
+    dvh_figure,
+    learning_curves_figure,
+    plot_comparison_cost,
+    plot_comparison_delta,
+    plot_delta_mtl,
+    plot_dvh,
+    plot_examples,
+    plot_learning_curves,
+    write_metric_table,
+)
 from ctan.tasks import Task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _is_png(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG
+    """A PNG with something drawn: not one flat colour."""
+    if not (path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG):
+        return False
+    from matplotlib.image import imread
+
+    pixels = imread(path)[..., :3]
+    return float(pixels.std()) > 0.02 and float((pixels < 0.5).mean()) > 0.001
 
 
 def _history(epochs: int = 4) -> dict:
@@ -176,3 +194,188 @@ def test_summary_figures_reject_other_csv(tmp_path: Path) -> None:
     other.write_text("a,b\n1,2\n")
     with pytest.raises(CtanError, match="not a ctan summary"):
         plot_delta_mtl(other, tmp_path / "delta.png")
+
+
+# --- learning curves: one axis per metric ------------------------------------------------------------
+
+
+def test_learning_curves_give_each_metric_its_own_axis_and_mark_the_kept_epoch_inside() -> None:
+    fig = learning_curves_figure(_history(epochs=40 // 10 * 10) | {"best_epoch": 40})
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["loss", "dose: mae", "structures: dice"]
+    assert axes[1].get_ylabel() == "validation mae (Gy)"
+    assert axes[2].get_ylim() == pytest.approx((-0.02, 1.02))  # Dice on its own 0-1 scale
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    for ax in axes:
+        (label,) = [t for t in ax.texts if "epoch 40" in t.get_text()]
+        box, frame = label.get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, "the kept-epoch label leaves its axes"
+
+
+# --- example predictions: the diff panel, a title -----------------------------------------------------
+
+
+def test_examples_show_the_dose_difference_and_the_title(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).random((1, 6, 12, 12), dtype=np.float32)
+    dose = np.zeros((1, 6, 12, 12), np.float32)
+    dose[:, 2:4, 3:9, 3:9] = 60
+    structures = np.zeros((1, 6, 12, 12), np.float32)
+    structures[0, :, 4:8, 4:8] = 1
+    tasks = [
+        Task("dose", "regression", "dose"),
+        Task("structures", "segmentation", "structures", channels=1, multilabel=True),
+    ]
+    out = plot_examples(
+        image,
+        {"dose": dose, "structures": structures},
+        {"dose": dose * 1.1, "structures": structures},
+        tasks,
+        tmp_path / "ex.png",
+        title="case 3, the median dose score of 5 test cases (2 Gy)",
+        structure_names=["PTV70"],
+    )
+    assert _is_png(out)
+
+
+# --- DVH: the curves the scores are computed from -----------------------------------------------------
+
+
+def _patient():
+    rng = np.random.default_rng(4)
+    shape = (8, 10, 10)
+    reference = np.zeros(shape)
+    reference[1:7, 2:8, 2:8] = 70 - 8 * rng.random((6, 6, 6))
+    reference[:, :, :2] = 20 * rng.random((8, 10, 2))
+    predicted = np.clip(reference + rng.normal(0, 3, shape), 0, None)
+    structures = {
+        "PTV70": np.zeros(shape, bool),
+        "SpinalCord": np.zeros(shape, bool),
+        "Brainstem": np.zeros(shape, bool),  # not contoured: left out, as the metrics do
+    }
+    structures["PTV70"][2:6, 3:7, 3:7] = True
+    structures["SpinalCord"][:, 4:6, 0:3] = True
+    return reference, predicted, structures
+
+
+def test_dvh_draws_the_curves_the_metrics_are_read_from(tmp_path: Path) -> None:
+    reference, predicted, structures = _patient()
+    voxel = (2.5, 2.5, 2.0)  # 12.5 mm³: D_0.1cc is the hottest 8 voxels
+    oars, targets = ("SpinalCord", "Brainstem"), ("PTV70",)
+    fig = dvh_figure(reference, predicted, structures, voxel, oars, targets)
+    curves_ax, errors_ax = fig.axes[:2]
+    lines = {line.get_label(): line for line in curves_ax.get_lines()}
+    assert set(lines) == {f"{r} {w}" for r in ("PTV70", "SpinalCord") for w in ("reference", "predicted")}
+    scored = dose_metrics.score_patient(reference, predicted, reference > 0, structures, voxel)
+    for what, dose, metrics in (
+        ("reference", reference, scored["reference_metrics"]),
+        ("predicted", predicted, scored["predicted_metrics"]),
+    ):
+        for roi in ("PTV70", "SpinalCord"):
+            x, y = lines[f"{roi} {what}"].get_data()
+            expected = dose_metrics.dvh_curve(dose, structures[roi])
+            np.testing.assert_array_equal(x, expected[0])
+            np.testing.assert_array_equal(y, expected[1])
+            # Every scored DVH metric is a point of the plotted curve.
+            volumes = dose_metrics.dvh_metric_volumes(int(structures[roi].sum()), voxel)
+            for (r, metric), value in metrics.items():
+                if r == roi and metric != "mean":
+                    on_curve = dose_metrics.dose_at_volume((np.asarray(x), np.asarray(y)), volumes[metric])
+                    assert on_curve == pytest.approx(value, abs=1e-9), (roi, metric)
+    # The bars are the signed errors whose mean magnitude is the patient's DVH score.
+    bars = [patch.get_width() for patch in errors_ax.patches]
+    expected = [scored["predicted_metrics"][k] - v for k, v in scored["reference_metrics"].items()]
+    assert bars == pytest.approx(expected)
+    assert np.mean(np.abs(bars)) == pytest.approx(scored["dvh_score"])
+    assert f"{scored['dvh_score']:.2f} Gy" in errors_ax.get_title()
+
+
+def test_dvh_figure_is_written(tmp_path: Path) -> None:
+    reference, predicted, structures = _patient()
+    out = plot_dvh(
+        reference,
+        predicted,
+        structures,
+        (2.5, 2.5, 2.0),
+        ("SpinalCord",),
+        ("PTV70",),
+        tmp_path / "dvh.png",
+        title="pt_1, the median dose score",
+    )
+    assert _is_png(out)
+
+
+def test_dvh_needs_a_contoured_structure(tmp_path: Path) -> None:
+    reference, predicted, structures = _patient()
+    with pytest.raises(CtanError, match="no contoured structure"):
+        dvh_figure(reference, predicted, structures, (1, 1, 1), ("Brainstem",), ())
+
+
+def test_dvh_curve_of_one_voxel_and_of_none() -> None:
+    one = np.zeros((2, 2))
+    one[0, 0] = 1
+    x, y = dose_metrics.dvh_curve(np.full((2, 2), 5.0), one)
+    assert list(x) == [5.0] and list(y) == [100.0]
+    assert dose_metrics.dose_at_volume(dose_metrics.dvh_curve(one, np.zeros((2, 2))), 95) != 0  # nan
+
+
+# --- Δ_MTL with seeds as points, training cost --------------------------------------------------------
+
+
+def _comparison(per_seed: list[float], ci: tuple[float, float]) -> dict:
+    entry = {
+        "delta_mtl": float(np.mean(per_seed)),
+        "per_seed": per_seed,
+        "ci_low": ci[0],
+        "ci_high": ci[1],
+    }
+    cost = {"step_seconds": 0.2, "peak_memory_mib": 600.0}
+    return {
+        "datasets": {
+            d: {"delta_mtl": {"hps": entry, "ctan": entry}, "cost": {"stl": cost, "hps": cost, "ctan": cost}}
+            for d in ("openkbp_demo", "ham10000_demo")
+        },
+        "mean_delta_mtl": {"hps": entry["delta_mtl"], "ctan": entry["delta_mtl"]},
+        "paper_delta_mtl": {"hps": 3.22, "ctan": 4.67},
+    }
+
+
+def test_delta_with_one_seed_draws_the_seed_and_no_empty_whisker(tmp_path: Path) -> None:
+    fig = comparison_delta_figure(_comparison([2.0], (float("nan"), float("nan"))))
+    (ax,) = fig.axes
+    seeds = [c for c in ax.collections if c.get_gid() == "seeds"]
+    assert [len(c.get_offsets()) for c in seeds] == [1] * 4  # 2 datasets x 2 architectures
+    assert [type(c).__name__ for c in ax.containers] == ["BarContainer"] * 2  # no whiskers
+
+
+def test_delta_with_seeds_and_interval(tmp_path: Path) -> None:
+    fig = comparison_delta_figure(_comparison([1.0, 2.0, 4.0], (0.5, 4.5)))
+    (ax,) = fig.axes
+    seeds = [c for c in ax.collections if c.get_gid() == "seeds"]
+    assert [len(c.get_offsets()) for c in seeds] == [3] * 4
+    assert [type(c).__name__ for c in ax.containers].count("ErrorbarContainer") == 4
+    assert _is_png(plot_comparison_delta(_comparison([1.0, 2.0, 4.0], (0.5, 4.5)), tmp_path / "d.png"))
+
+
+def test_training_cost_is_written(tmp_path: Path) -> None:
+    assert _is_png(plot_comparison_cost(_comparison([1.0], (0, 2)), tmp_path / "cost.png"))
+
+
+# --- which test case the example figures show ---------------------------------------------------------
+
+
+def test_the_example_is_the_case_with_the_median_score() -> None:
+    from ctan.evaluation import median_case
+
+    dose = Task("dose", "regression", "dose")
+    rows = {"a": {"dose_score": 3.0}, "b": {"dose_score": 1.0}, "c": {"dose_score": float("nan")}}
+    rows |= {"d": {"dose_score": 2.0}, "e": {"dose_score": 9.0}}
+    case, phrase = median_case([dose], {"dose": rows})
+    # Of the four finite scores 1, 2, 3, 9: the lower middle one.
+    assert case == "d" and phrase == "case d, the median dose score of 4 test cases (2 Gy)"
+    covid = Task("covid", "classification", "covid", classes=2)
+    probs = {"x": {"probability": [0.9], "label": 0}, "y": {"probability": [0.6], "label": 1}}
+    probs |= {"z": {"probability": [0.2], "label": 0}}  # p(true) = 0.1, 0.6, 0.8
+    assert median_case([covid], {"covid": probs})[0] == "y"

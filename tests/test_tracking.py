@@ -182,3 +182,36 @@ def test_a_copied_workspace_is_independent(tmp_path, template):
     experiments, runs = _locations(copy / "mlflow.db")
     assert experiments == [("Default", "mlruns/0"), ("test", "mlruns/1")]
     assert sorted(runs) == sorted(f"mlruns/1/{r}/artifacts" for r in (old_run, new_run))
+
+
+def _experiment_tags(db: Path) -> dict[str, str]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT key, value FROM experiment_tags JOIN experiments USING (experiment_id)"
+            " WHERE name = 'test'"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_experiment_opens_on_its_runs_and_runs_have_readable_names(tmp_path, template, monkeypatch):
+    """MLflow 3's UI opens an untagged experiment on its empty GenAI views: ours is a model-training
+    one, also when the store was made before the tag existed; runs are named <dataset>/<arch>/seed<k>."""
+    workspace = tmp_path / "ws"
+    _seed(template, workspace)
+    with sqlite3.connect(workspace / "mlflow.db") as con:
+        con.execute("DELETE FROM experiment_tags")  # as a store made before the tag
+    monkeypatch.chdir(workspace)
+    params = _params("sqlite:///mlflow.db")
+    name = tracking.run_name("openkbp_demo", "stl", 0, task="dose")
+    assert name == "openkbp_demo/stl/seed0/dose"
+    assert tracking.run_name("ham10000_demo", "ctan", 2) == "ham10000_demo/ctan/seed2"
+    with tracking.training_run(params, name, {"dataset": "openkbp_demo"}) as run:
+        run_id = run.info.run_id
+    assert _experiment_tags(workspace / "mlflow.db") == {"mlflow.experimentKind": "custom_model_development"}
+    import mlflow
+
+    assert mlflow.get_run(run_id).info.run_name == "openkbp_demo/stl/seed0/dose"
+
+
+def test_a_new_store_tags_its_experiment(tmp_path, template):
+    assert _experiment_tags(template) == {"mlflow.experimentKind": "custom_model_development"}

@@ -102,7 +102,13 @@ def expected_jobs(params: dict) -> Counter:
         train_stl=sum(len(datasets[d]["tasks"]) for d in run["datasets"]) * n_seeds
         if "stl" in run["architectures"]
         else 0,
-        evaluate=len(run["datasets"]) * len(run["architectures"]) * n_seeds,
+        # Datasets with a dose task: `evaluate_dose`, the same job with the DVH figure as well.
+        evaluate=sum("dose" not in datasets[d]["tasks"] for d in run["datasets"])
+        * len(run["architectures"])
+        * n_seeds,
+        evaluate_dose=sum("dose" in datasets[d]["tasks"] for d in run["datasets"])
+        * len(run["architectures"])
+        * n_seeds,
         summarize=1,
         all=1,
     )
@@ -159,8 +165,9 @@ def test_snakemake_and_dvc_stages_depend_on_the_same_code(default_dry_run) -> No
         if code:
             # Tuning trains too: the same code (its jobs appear only where the grid has several points).
             # External test sets run the same stages' code (download is one rule for both in Snakemake).
-            rule = rule.removesuffix("_external")
-            snake.setdefault("train" if rule.startswith(("train_", "tune_")) else rule, set()).update(code)
+            rule = rule.removesuffix("_external").removesuffix("_dose")
+            stage = "train" if rule.startswith(("train_", "tune_")) else rule
+            snake.setdefault(stage, set()).update(code)
     dvc: dict[str, set[str]] = {}
     for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
         stage = stage.get("do", stage)
@@ -285,6 +292,8 @@ FAKE_CTAN = textwrap.dedent(
         out = s.results_dir / a.arch / f"seed{a.seed}"
         for name in ("metrics.json", "examples.png", "predictions/case.npz"):
             write(out / name, "{}")
+        if "dose" in s.tasks:
+            write(out / "dvh.png")
     elif a.command == "summarize":
         write(a.output, "row_type,dataset,architecture,value\\n")
     elif a.command == "plot-summary":
@@ -363,7 +372,7 @@ def test_dvc_hashes_a_snakemake_built_folder_without_its_timestamp(fake_run: Pat
 def test_report_shows_summary_curves_and_examples(fake_run: Path) -> None:
     snakemake(fake_run, "--configfile", "small.yaml", "--report", "report.html", path=fake_run.parent / "bin")
     html = (fake_run / "report.html").read_text()
-    for category in ("Summary", "Learning curves", "Example predictions"):
+    for category in ("Summary", "Learning curves", "Example predictions", "Dose-volume histograms"):
         assert f'"{category}"' in html
     assert "Learning curves of stl on openkbp_demo (single-task model for dose)" in html
 
@@ -378,7 +387,7 @@ def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path)
     assert jobs["download"] == jobs["preprocess"] == n_datasets
     assert jobs["train_stl"] == 2 * n_datasets * n_seeds  # two tasks per dataset, one job each
     assert jobs["train_mtl"] == 5 * n_datasets * n_seeds
-    assert jobs["evaluate"] == 6 * n_datasets * n_seeds
+    assert jobs["evaluate"] + jobs["evaluate_dose"] == 6 * n_datasets * n_seeds
     # The learning-rate grid is tuned once per network (not per seed), before the final training jobs.
     assert jobs["tune_stl"] == 2 * n_datasets and jobs["tune_mtl"] == 5 * n_datasets
 

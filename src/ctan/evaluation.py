@@ -151,7 +151,6 @@ def evaluate(
     per_case: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
     image_level: dict[str, list] = {t.name: [] for t in tasks if not t.dense}
     labels: dict[str, list[int]] = {"covid": []}
-    example = None
     for i in tqdm(
         range(len(test_set)), desc=f"evaluate {dataset}/{arch}/seed{seed} on {data.name}", disable=None
     ):
@@ -175,8 +174,6 @@ def evaluate(
                 image_level[t.name].append((case_id, int(item[t.name]), preds[t.name].ravel().tolist()))
         labels["covid"].append(int(attrs["labels"].get("covid", -1)))
         np.savez_compressed(pred_dir / f"{case_id}.npz", **dense_out)
-        if example is None:
-            example = (item, preds)
 
     results: dict[str, dict[str, float]] = {}
     details: dict[str, Any] = {}
@@ -225,14 +222,10 @@ def evaluate(
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))
     _log_to_mlflow(params, run_ids, results, prefix=f"external/{on}" if on else "test")
-    if example is not None:
+    if len(test_set):
         try:
-            from ctan.plots import plot_examples
-
-            item, preds = example
-            targets = {t.name: item[t.name].numpy() for t in tasks}
-            plot_examples(item["image"].numpy(), targets, preds, tasks, out / "examples.png")
-        except ImportError:
+            _plot_median_case(data, arch, seed, tasks, test_set, store, pred_dir, per_case, out)
+        except ImportError:  # no matplotlib
             pass
     return out / "metrics.json"
 
@@ -265,6 +258,122 @@ def check_external_manifest(training: dict[str, Any], external: dict[str, Any], 
             f"external test set {data.name} does not match its training dataset {settings.name}: "
             + "; ".join(problems),
         )
+
+
+def median_case(tasks: list[Task], per_case: dict[str, dict[str, dict[str, Any]]]) -> tuple[str, str]:
+    """The test case with the median score of the first task, and a phrase that says so.
+
+    Scores: dose score (Gy) for dose, Dice for segmentation, the probability given to the true class
+    for classification. Of an even number of cases, the lower middle one; cases without a finite
+    score are left out (all of them: the first case).
+    """
+    task = tasks[0]
+    rows = per_case[task.name]
+    if task.kind == "regression":
+        name, unit, key = "dose score", " Gy", lambda v: v.get("dose_score")
+    elif task.kind == "segmentation":
+        name, unit, key = f"{task.name} Dice", "", lambda v: v.get("dice")
+    else:
+        name, unit, key = f"p(true {task.name} class)", "", _true_class_probability
+    scored = sorted(
+        (float(s), cid) for cid, v in rows.items() if (s := key(v)) is not None and np.isfinite(float(s))
+    )
+    if not scored:
+        return next(iter(rows)), "the first test case (no case has a finite score)"
+    value, case_id = scored[(len(scored) - 1) // 2]
+    return (
+        case_id,
+        f"case {case_id}, the median {name} of {len(scored)} test cases ({value:.3g}{unit})",
+    )
+
+
+def _true_class_probability(row: dict[str, Any]) -> float:
+    probs = np.asarray(row["probability"], dtype=np.float64).ravel()
+    label = int(row["label"])
+    if probs.size == 1:
+        return float(probs[0] if label == 1 else 1 - probs[0])
+    return float(probs[label])
+
+
+def _plot_median_case(settings, arch, seed, tasks, test_set, store, pred_dir, per_case, out) -> None:
+    """examples.png of the median test case, and dvh.png of its dose, from what was saved and scored."""
+    from ctan.plots import plot_dvh, plot_examples, structure_colours
+
+    case_id, phrase = median_case(tasks, per_case)
+    item = test_set[test_set.case_ids.index(case_id)]
+    saved = np.load(pred_dir / f"{case_id}.npz")
+    preds = {
+        t.name: saved[t.name] if t.dense else np.asarray(per_case[t.name][case_id]["probability"])
+        for t in tasks
+    }
+    targets = {t.name: item[t.name].numpy() for t in tasks}
+    names = list(read_manifest(settings).get("structure_names", []))
+    title = f"{settings.name} · {arch} · seed {seed}: {phrase}"
+    plot_examples(
+        item["image"].numpy(), targets, preds, tasks, out / "examples.png", title=title, structure_names=names
+    )
+    for t in tasks:
+        if t.kind == "regression":
+            reference, predicted, rois, spacing, oars, targets_ = _dvh_inputs(
+                settings, store, pred_dir, t, case_id, names
+            )
+            plot_dvh(
+                reference,
+                predicted,
+                rois,
+                spacing,
+                oars,
+                targets_,
+                out / "dvh.png",
+                colours=structure_colours(names),
+                title=title,
+            )
+
+
+def _dvh_inputs(settings, store, pred_dir, task, case_id, names):
+    """The arrays a case's DVH metrics are computed from: reference and predicted dose, ROI masks,
+    voxel size, OAR and target names. OpenKBP: the challenge files `score_directories` reads (the
+    reference patient folder, the written prediction CSV); others: the preprocessed grid."""
+    from ctan.metrics import dose as dose_metrics
+
+    if settings.format == "openkbp":
+        reference = dose_metrics.read_reference_patient(_openkbp_patients(settings)[case_id])
+        predicted = dose_metrics.read_sparse_csv(pred_dir / "dose_csv" / f"{case_id}.csv", mask=False)
+        return (
+            reference["dose"],
+            predicted,
+            reference["structures"],
+            reference["voxel_dimensions"],
+            dose_metrics.OARS,  # the defaults `score_patient` scores with
+            dose_metrics.TARGETS,
+        )
+    data = store.read_case(case_id)
+    pred = np.load(pred_dir / f"{case_id}.npz")[task.name][0]
+    present = data["attrs"].get("structure_present") or [True] * len(names)
+    rois = (
+        {n: data["structures"][i] > 0 for i, n in enumerate(names) if present[i]}
+        if "structures" in data
+        else {}
+    )
+    targets = [n for n in names if n.upper().startswith(TARGET_PREFIXES)]
+    oars = [n for n in names if n not in targets]
+    return data["dose"][0], pred, rois, data["attrs"]["spacing"], oars, targets
+
+
+def _openkbp_reference(settings) -> list[Path]:
+    """The challenge's reference folders of the cases scored: the test split, or every folder of an
+    external test set (its patients are all test cases, from whichever folders they came)."""
+    from ctan.datasets import find_root
+    from ctan.datasets.base import SPLITS
+    from ctan.datasets.openkbp import reference_folders
+
+    root = settings.raw_dir / settings.subdir if settings.subdir else find_root(settings.raw_dir, "openkbp")
+    return reference_folders(root, SPLITS if settings.external_of else ("test",))
+
+
+def _openkbp_patients(settings) -> dict[str, Path]:
+    """``{pt_*: reference patient folder}`` over `_openkbp_reference`."""
+    return {p.name: p for folder in _openkbp_reference(settings) for p in folder.iterdir()}
 
 
 def _tuning_record(settings, arch: str) -> dict[str, Any]:
@@ -339,18 +448,12 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
     from ctan.metrics import dose as dose_metrics
 
     if settings.format == "openkbp":
-        from ctan.datasets import find_root
-        from ctan.datasets.base import SPLITS
-        from ctan.datasets.openkbp import reference_folders, to_challenge_grid
+        from ctan.datasets.openkbp import to_challenge_grid
 
         csv_dir = pred_dir / "dose_csv"
         csv_dir.mkdir()
-        root = (
-            settings.raw_dir / settings.subdir if settings.subdir else find_root(settings.raw_dir, "openkbp")
-        )
-        # An external test set's patients are all test cases, from whichever folders they came.
-        reference = reference_folders(root, SPLITS if settings.external_of else ("test",))
-        patients = {p.name: p for folder in reference for p in folder.iterdir()}
+        reference = _openkbp_reference(settings)
+        patients = _openkbp_patients(settings)
         for case_id in per_case:
             pred = np.load(pred_dir / f"{case_id}.npz")[task.name]
             source = to_challenge_grid(to_source_grid(pred, store.case_attrs(case_id), order=1)[0])
@@ -366,18 +469,10 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
     names = list(manifest.get("structure_names", []))
     dvh_rows = []
     for case_id in per_case:
-        data = store.read_case(case_id)
-        pred = np.load(pred_dir / f"{case_id}.npz")[task.name][0]
-        spacing = data["attrs"]["spacing"]
-        present = data["attrs"].get("structure_present") or [True] * len(names)
-        rois = (
-            {n: data["structures"][i] > 0 for i, n in enumerate(names) if present[i]}
-            if "structures" in data
-            else {}
+        reference, pred, rois, spacing, oars, targets = _dvh_inputs(
+            settings, store, pred_dir, task, case_id, names
         )
-        targets = [n for n in names if n.upper().startswith(TARGET_PREFIXES)]
-        oars = [n for n in names if n not in targets]
-        ref_m = dose_metrics.dvh_metrics(data["dose"][0], rois, spacing, oars=oars, targets=targets)
+        ref_m = dose_metrics.dvh_metrics(reference, rois, spacing, oars=oars, targets=targets)
         pred_m = dose_metrics.dvh_metrics(pred, rois, spacing, oars=oars, targets=targets)
         score = dose_metrics.dvh_score([ref_m], [pred_m])
         per_case[case_id]["dvh_score"] = float(score)

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ctan.errors import CtanError
@@ -43,11 +44,47 @@ def _save(fig: Figure, out: Path) -> Path:
     return out
 
 
+# --- text size ---------------------------------------------------------------------------------------
+
+# The report shows a figure at the width of its column (about 900 px): text sized for that width, not
+# for a full-screen window. Applied around the building of each figure (rcParams are read when an
+# artist is created), so nothing leaks into other figures.
+TEXT = {
+    "font.size": 12,
+    "axes.titlesize": 13,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 11,
+    "legend.fontsize": 11,
+    "figure.titlesize": 14,
+}
+
+
+def _text():
+    return rc_context(TEXT)
+
+
+def structure_colours(names: Sequence[str]) -> dict[str, str]:
+    """One colour per structure, by its channel index: the contour panel and the DVH share them."""
+    return {name: CONTOUR_COLOURS[i % len(CONTOUR_COLOURS)] for i, name in enumerate(names)}
+
+
 # --- learning curves ---------------------------------------------------------------------------------
+
+# Units of the validation metrics the trainer records (ctan.training.selection); others are unitless.
+METRIC_UNITS = {"mae": "Gy", "dose_score": "Gy", "dvh_score": "Gy", "hd95": "mm"}
+BOUNDED_METRICS = {"dice", "jaccard", "auc", "accuracy", "balanced_accuracy"}  # on [0, 1]
 
 
 def plot_learning_curves(history: Mapping[str, Any], out: Path) -> Path:
-    """Loss (total and per task, train solid / validation dashed) and validation metrics per epoch.
+    """`learning_curves_figure`, written to ``out``."""
+    with _text():
+        return _save(learning_curves_figure(history, out), out)
+
+
+def learning_curves_figure(history: Mapping[str, Any], out: Path | None = None) -> Figure:
+    """Loss (total and per task, train solid / validation dashed), then one panel per validation metric
+    of each task, each on its own axis and unit; the kept epoch is marked in every panel.
 
     `history` is the trainer's history.json: {"epochs": [{"epoch", "train_loss": {"total", task...},
     "val_loss": {...}, "val_metrics": {task: {metric: value}}}], "best_epoch": n}.
@@ -56,50 +93,82 @@ def plot_learning_curves(history: Mapping[str, Any], out: Path) -> Path:
     if not records:
         raise CtanError(out, "no epochs in the training history to plot")
     epochs = [r["epoch"] for r in records]
-    metric_keys = sorted(
-        {(task, m) for r in records for task, ms in (r.get("val_metrics") or {}).items() for m in ms}
-    )
-    fig = Figure(figsize=(11 if metric_keys else 6, 4), layout="constrained")
-    axes = fig.subplots(1, 2 if metric_keys else 1, squeeze=False)[0]
-
-    ax = axes[0]
-    names = list(records[0].get("train_loss", {}))
-    positive = True
-    for i, name in enumerate(names):
-        colour = "black" if name == "total" else CONTOUR_COLOURS[i % len(CONTOUR_COLOURS)]
-        width = 2.0 if name == "total" else 1.0
-        for split, style in (("train_loss", "-"), ("val_loss", "--")):
-            values = [_finite(r.get(split, {}).get(name)) for r in records]
-            positive &= all(v > 0 for v in values if not math.isnan(v))
-            label = f"{name} ({'train' if split == 'train_loss' else 'validation'})"
-            ax.plot(epochs, values, style, color=colour, linewidth=width, label=label)
-    if positive:
-        ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("loss")
-    ax.legend(fontsize="x-small", ncol=2)
-
-    if metric_keys:
-        ax = axes[1]
-        for i, (task, metric) in enumerate(metric_keys):
-            values = [_finite((r.get("val_metrics") or {}).get(task, {}).get(metric)) for r in records]
-            ax.plot(epochs, values, "-o", markersize=3, color=CONTOUR_COLOURS[i % len(CONTOUR_COLOURS)])
-            ax.lines[-1].set_label(f"{task}: {metric}")
-        ax.set_xlabel("epoch")
-        ax.set_title("validation metrics")
-        ax.legend(fontsize="x-small")
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    best = history.get("best_epoch")
-    if best:
-        for ax in axes:
-            ax.axvline(best, color="grey", linestyle=":", linewidth=1)
-        axes[0].text(
-            best, 1.0, f" best {best}", transform=axes[0].get_xaxis_transform(), va="top", fontsize=8
+    metric_keys = list(
+        dict.fromkeys(
+            (task, m) for r in records for task, ms in (r.get("val_metrics") or {}).items() for m in ms
         )
-    return _save(fig, out)
+    )
+    panels = 1 + len(metric_keys)
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    best = history.get("best_epoch")
+    with _text():
+        fig = Figure(figsize=(4.3 * ncols, 3.5 * nrows), layout="constrained")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = list(grid.ravel())
+        for ax in axes[panels:]:
+            ax.set_visible(False)
+
+        ax = axes[0]
+        names = list(records[0].get("train_loss", {}))
+        positive = True
+        for i, name in enumerate(names):
+            colour = "black" if name == "total" else CONTOUR_COLOURS[i % len(CONTOUR_COLOURS)]
+            width = 2.0 if name == "total" else 1.2
+            for split, style in (("train_loss", "-"), ("val_loss", "--")):
+                values = [_finite(r.get(split, {}).get(name)) for r in records]
+                positive &= all(v > 0 for v in values if not math.isnan(v))
+                ax.plot(epochs, values, style, color=colour, linewidth=width)
+            ax.plot([], [], color=colour, linewidth=width, label=name)
+        ax.plot([], [], "-", color="grey", label="train")
+        ax.plot([], [], "--", color="grey", label="validation")
+        if positive:
+            ax.set_yscale("log")
+        ax.set_ylabel("loss")
+        ax.set_title("loss")
+        # Never over the curves: in a spare slot of the grid, else below the panel.
+        spare = axes[panels:]
+        if spare:
+            spare[0].set_visible(True)
+            spare[0].set_axis_off()
+            spare[0].legend(*ax.get_legend_handles_labels(), loc="center", title="loss")
+        else:
+            ax.legend(fontsize="small", ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.22))
+
+        for ax, (task, metric) in zip(axes[1:panels], metric_keys, strict=True):
+            values = [_finite((r.get("val_metrics") or {}).get(task, {}).get(metric)) for r in records]
+            ax.plot(epochs, values, "-o", markersize=3, color="#1f77b4")
+            unit = METRIC_UNITS.get(metric, "")
+            ax.set_title(f"{task}: {metric}")
+            ax.set_ylabel(f"validation {metric}" + (f" ({unit})" if unit else ""))
+            if metric in BOUNDED_METRICS:
+                ax.set_ylim(-0.02, 1.02)
+            elif unit and all(v >= 0 for v in values if not math.isnan(v)):
+                ax.set_ylim(bottom=0)
+            if best and best in epochs and not math.isnan(values[epochs.index(best)]):
+                value = values[epochs.index(best)]
+                ax.plot([best], [value], "o", color="#d62728", markersize=7, zorder=3)
+
+        for ax in axes[:panels]:
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if best:
+                ax.axvline(best, color="#d62728", linestyle=":", linewidth=1.2)
+                # Inside the axes, on whichever side of the line has room.
+                right_half = best > (epochs[0] + epochs[-1]) / 2
+                ax.text(
+                    best,
+                    0.97,
+                    f"kept: epoch {best} " if right_half else f" kept: epoch {best}",
+                    transform=ax.get_xaxis_transform(),
+                    ha="right" if right_half else "left",
+                    va="top",
+                    fontsize="small",
+                    color="#d62728",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+                )
+        return fig
 
 
 def _finite(value: Any) -> float:
@@ -119,12 +188,17 @@ def plot_examples(
     predictions: Mapping[str, Any],
     tasks: Sequence[Task],
     out: Path,
+    title: str | None = None,
+    structure_names: Sequence[str] = (),
 ) -> Path:
     """One test case: the image with every task's reference and prediction.
 
-    image (C, *spatial), normalised; 3D shows the middle axial slice. Dose: colour wash over CT, reference
-    and prediction on one scale. Segmentation: reference contours solid, predicted (probability > 0.5)
-    dashed. Image-level tasks: predicted vs true class in the title.
+    image (C, *spatial), normalised; 3D shows the axial slice with the most reference dose (the middle
+    one without a dose task). Dose: colour wash over CT, reference and prediction on one scale, then
+    their difference (predicted − reference, blue below, red above, centred at 0). Segmentation:
+    reference contours solid, predicted (probability > 0.5) dashed, the legend beside the image.
+    Image-level tasks: true and predicted class with its probability. ``title`` says which case it is
+    (e.g. the one with the median score).
     """
     image = np.asarray(image, dtype=np.float32)
     spatial_dims = image.ndim - 1
@@ -132,7 +206,16 @@ def plot_examples(
         raise CtanError(
             out, f"expected an image of shape (C, *spatial) with 2 or 3 spatial axes, got {image.shape}"
         )
-    z = image.shape[1] // 2 if spatial_dims == 3 else None
+    dense = [t for t in tasks if t.dense]
+    z = None
+    if spatial_dims == 3:
+        z = image.shape[1] // 2
+        dose = next((t for t in dense if t.kind == "regression"), None)
+        if dose is not None:
+            reference = np.asarray(targets[dose.name], dtype=np.float64)
+            per_slice = np.nansum(reference.reshape(reference.shape[0], reference.shape[1], -1), axis=(0, 2))
+            if np.any(per_slice > 0):
+                z = int(np.argmax(per_slice))
 
     def plane(array: Any) -> np.ndarray:
         """(C, *spatial) -> (C, H, W) in the displayed plane."""
@@ -140,50 +223,78 @@ def plot_examples(
         return array[:, z] if z is not None else array
 
     background = _display_image(plane(image))
-    dense = [t for t in tasks if t.dense]
-    panels = 1 + sum(2 if t.kind == "regression" else 1 for t in dense)
-    fig = Figure(figsize=(3.2 * panels, 3.6), layout="constrained")
-    axes = list(fig.subplots(1, panels, squeeze=False)[0])
-    for ax in axes:
-        ax.imshow(background, cmap="gray" if background.ndim == 2 else None)
-        ax.set_axis_off()
-    where = f" (slice z={z})" if z is not None else ""
-    axes[0].set_title("image" + where, fontsize=9)
+    panels = 1 + sum(3 if t.kind == "regression" else 1 for t in dense)
+    # At most three images a row, so that they stay large at the report's width.
+    ncols = min(panels, 3)
+    nrows = math.ceil(panels / ncols)
+    legend_room = 1.8 if any(t.kind == "segmentation" for t in dense) else 0.0
+    with _text():
+        width = max(7.0, 3.6 * ncols + legend_room + 0.8)  # the title needs room even over one image
+        fig = Figure(figsize=(width, 3.8 * nrows + 0.6), layout="constrained")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = list(grid.ravel())
+        for ax in axes[panels:]:
+            ax.set_visible(False)
+        axes = axes[:panels]
+        for ax in axes:
+            ax.imshow(background, cmap="gray" if background.ndim == 2 else None)
+            ax.set_axis_off()
+        where = f" (axial slice {z})" if z is not None else ""
+        axes[0].set_title("image" + where)
 
-    k = 1
-    for task in dense:
-        ref, pred = plane(targets[task.name]), plane(predictions[task.name])
-        if task.kind == "regression":
-            top = float(max(np.nanmax(ref), np.nanmax(pred), 1e-6))
-            for ax, data, what in ((axes[k], ref, "reference"), (axes[k + 1], pred, "predicted")):
-                wash = np.ma.masked_less_equal(data[0], 0.02 * top)
-                shown = ax.imshow(wash, cmap="jet", alpha=0.5, vmin=0, vmax=top)
-                ax.set_title(f"{task.name}: {what}", fontsize=9)
-            fig.colorbar(shown, ax=axes[k : k + 2], shrink=0.8, label="Gy" if task.target == "dose" else "")
-            k += 2
-        else:
-            ax = axes[k]
-            names = task.class_names or (
-                (task.name,) if ref.shape[0] == 1 else tuple(f"{task.name} {c}" for c in range(ref.shape[0]))
-            )
-            handles = []
-            for c in range(ref.shape[0]):
-                colour = CONTOUR_COLOURS[c % len(CONTOUR_COLOURS)]
-                drawn = _contour(ax, ref[c], colour, "solid")
-                drawn |= _contour(ax, (pred[c] > 0.5).astype(np.float32), colour, "dashed")
-                if drawn:
-                    handles.append((colour, names[c] if c < len(names) else str(c)))
-            for colour, name in handles:
-                ax.plot([], [], color=colour, label=name)
-            if handles:
-                ax.legend(fontsize="xx-small", loc="lower right")
-            ax.set_title(f"{task.name}: reference solid, predicted dashed", fontsize=9)
-            k += 1
+        k = 1
+        for task in dense:
+            ref, pred = plane(targets[task.name]), plane(predictions[task.name])
+            if task.kind == "regression":
+                unit = " (Gy)" if task.target == "dose" else ""
+                top = float(max(np.nanmax(ref), np.nanmax(pred), 1e-6))
+                for ax, data, what in ((axes[k], ref, "reference"), (axes[k + 1], pred, "predicted")):
+                    wash = np.ma.masked_less_equal(data[0], 0.02 * top)
+                    shown = ax.imshow(wash, cmap="jet", alpha=0.6, vmin=0, vmax=top)
+                    ax.set_title(f"{task.name}: {what}")
+                fig.colorbar(shown, ax=axes[k : k + 2], shrink=0.8, label=f"{task.name}{unit}")
+                difference = pred[0] - ref[0]
+                span = float(max(np.nanmax(np.abs(difference)), 1e-6))
+                outside = (ref[0] <= 0.02 * top) & (pred[0] <= 0.02 * top)
+                shown = axes[k + 2].imshow(
+                    np.ma.masked_where(outside, difference), cmap="RdBu_r", vmin=-span, vmax=span, alpha=0.85
+                )
+                axes[k + 2].set_title(f"{task.name}: predicted − reference")
+                fig.colorbar(shown, ax=axes[k + 2], shrink=0.8, label=f"difference{unit}")
+                k += 3
+            else:
+                _contour_panel(fig, axes[k], task, ref, pred, structure_names)
+                k += 1
 
-    lines = [_label_line(t, targets.get(t.name), predictions.get(t.name)) for t in tasks if not t.dense]
-    if lines:
-        fig.suptitle("\n".join(lines), fontsize=10)
-    return _save(fig, out)
+        lines = [_label_line(t, targets.get(t.name), predictions.get(t.name)) for t in tasks if not t.dense]
+        heading = [title] if title else []
+        if heading or lines:
+            fig.suptitle("\n".join(heading + lines), fontsize="large")
+        return _save(fig, out)
+
+
+def _contour_panel(fig, ax, task: Task, ref: np.ndarray, pred: np.ndarray, structure_names) -> None:
+    names = tuple(task.class_names or structure_names) or (
+        (task.name,) if ref.shape[0] == 1 else tuple(f"{task.name} {c}" for c in range(ref.shape[0]))
+    )
+    colours = structure_colours([names[c] if c < len(names) else str(c) for c in range(ref.shape[0])])
+    handles = []
+    for c, (name, colour) in enumerate(colours.items()):
+        if ref.shape[0] == 1:
+            colour = "#00e5ff"  # one lesion: a colour that stands out on skin
+        drawn = _contour(ax, ref[c], colour, "solid")
+        drawn |= _contour(ax, (pred[c] > 0.5).astype(np.float32), colour, "dashed")
+        if drawn:
+            handles.append(Line2D([], [], color=colour, linewidth=2, label=name))
+    style_colour = "#00e5ff" if ref.shape[0] == 1 else "black"
+    styles = [
+        Line2D([], [], color=style_colour, linestyle="solid", linewidth=2, label="reference"),
+        Line2D([], [], color=style_colour, linestyle="dashed", linewidth=2, label="predicted"),
+    ]
+    shown = (handles if len(handles) > 1 else []) + styles
+    # Beside the image, never over the contours.
+    ax.legend(handles=shown, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize="small")
+    ax.set_title(f"{task.name}: reference and predicted")
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:
@@ -197,7 +308,7 @@ def _contour(ax, mask: np.ndarray, colour: str, style: str) -> bool:
     """Draw the 0.5 iso-line of a mask; False when the mask is empty or full in this plane."""
     if not (float(mask.min()) < 0.5 < float(mask.max())):
         return False
-    ax.contour(mask, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
+    ax.contour(mask, levels=[0.5], colors=[colour], linestyles=style, linewidths=2.0)
     return True
 
 
@@ -213,7 +324,96 @@ def _label_line(task: Task, target: Any, prediction: Any) -> str:
         return names[index] if 0 <= index < len(names) else str(index)
 
     truth = "?" if target is None else name(int(np.asarray(target).ravel()[0]))
-    return f"{task.name}: predicted {name(predicted)} (p={confidence:.2f}), true {truth}"
+    return f"{task.name}: true {truth}, predicted {name(predicted)} (p = {confidence:.2f})"
+
+
+# --- dose-volume histograms --------------------------------------------------------------------------
+
+
+def dvh_figure(
+    reference_dose: np.ndarray,
+    predicted_dose: np.ndarray,
+    structures: Mapping[str, np.ndarray],
+    voxel_dims_mm: Sequence[float],
+    oars: Sequence[str],
+    targets: Sequence[str],
+    colours: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Cumulative DVHs of one patient per structure (reference solid, predicted dashed) beside the
+    patient's DVH metric errors (predicted − reference: D_0.1cc and mean for OARs, D99, D95, D1 for
+    targets).
+
+    Curves and metrics come from `ctan.metrics.dose` (`dvh_curve`, `dvh_metrics`) on exactly the
+    arrays given: pass the ones the DVH score was computed from. Each curve's line carries the label
+    ``"<structure> reference"`` / ``"<structure> predicted"``; the metrics are points of those curves.
+    """
+    from ctan.metrics import dose as dose_metrics
+
+    rois = [r for r in (*oars, *targets) if r in structures and np.any(structures[r])]
+    if not rois:
+        raise CtanError(None, "no contoured structure to draw a dose-volume histogram of")
+    colours = dict(colours or structure_colours(rois))
+    reference_metrics = dose_metrics.dvh_metrics(reference_dose, structures, voxel_dims_mm, oars, targets)
+    predicted_metrics = dose_metrics.dvh_metrics(predicted_dose, structures, voxel_dims_mm, oars, targets)
+    errors = [
+        (roi, metric, predicted_metrics[(roi, metric)] - value)
+        for (roi, metric), value in reference_metrics.items()
+    ]
+    score = dose_metrics.dvh_score(reference_metrics, predicted_metrics)
+    with _text():
+        fig = Figure(figsize=(13, max(5.0, 0.3 * len(errors) + 1.8)), layout="constrained")
+        curves_ax, errors_ax = fig.subplots(1, 2, width_ratios=[1.5, 1])
+        for roi in rois:
+            colour = colours.get(roi, "black")
+            for dose, style, what in (
+                (reference_dose, "-", "reference"),
+                (predicted_dose, "--", "predicted"),
+            ):
+                x, y = dose_metrics.dvh_curve(dose, structures[roi])
+                curves_ax.plot(x, y, style, color=colour, linewidth=1.8, label=f"{roi} {what}")
+        curves_ax.set_xlabel("dose (Gy)")
+        curves_ax.set_ylabel("volume (%)")
+        curves_ax.set_ylim(0, 102)
+        curves_ax.set_xlim(left=0)
+        curves_ax.grid(alpha=0.3)
+        curves_ax.set_title("cumulative DVH: reference solid, predicted dashed")
+        legend = [Line2D([], [], color=colours.get(r, "black"), linewidth=2.5, label=r) for r in rois]
+        curves_ax.legend(
+            handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize="small"
+        )
+
+        labels = [f"{roi} {metric.replace('_', ' ').replace('0.1 cc', '0.1cc')}" for roi, metric, _ in errors]
+        values = [e for _, _, e in errors]
+        positions = np.arange(len(errors))[::-1]
+        errors_ax.barh(positions, values, color=[colours.get(r, "black") for r, _, _ in errors])
+        errors_ax.set_yticks(positions, labels)
+        errors_ax.axvline(0, color="black", linewidth=0.8)
+        errors_ax.set_xlabel("predicted − reference (Gy)")
+        errors_ax.grid(axis="x", alpha=0.3)
+        errors_ax.set_title(f"DVH metric errors (mean |error| {score:.2f} Gy)")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_dvh(
+    reference_dose: np.ndarray,
+    predicted_dose: np.ndarray,
+    structures: Mapping[str, np.ndarray],
+    voxel_dims_mm: Sequence[float],
+    oars: Sequence[str],
+    targets: Sequence[str],
+    out: Path,
+    colours: Mapping[str, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """`dvh_figure`, written to ``out``."""
+    with _text():
+        fig = dvh_figure(
+            reference_dose, predicted_dose, structures, voxel_dims_mm, oars, targets, colours, title
+        )
+        return _save(fig, out)
 
 
 # --- summary -----------------------------------------------------------------------------------------
@@ -233,7 +433,8 @@ def _read_summary(summary_csv: Path):
 
 
 def plot_delta_mtl(summary_csv: Path, out: Path) -> Path:
-    """Grouped bars: Δ_MTL (% vs STL, positive is better) per dataset and architecture, std error bars."""
+    """Grouped bars: Δ_MTL (% vs STL, positive is better) per dataset and architecture, the mean over
+    seeds; whiskers (± std) only where there are several seeds."""
     table = _read_summary(summary_csv)
     rows = table[(table["row_type"] == "delta_mtl") & (table["architecture"] != "stl")]
     if rows.empty:
@@ -241,32 +442,32 @@ def plot_delta_mtl(summary_csv: Path, out: Path) -> Path:
     datasets = list(dict.fromkeys(rows["dataset"]))
     archs = list(dict.fromkeys(rows["architecture"]))
     width = 0.8 / len(archs)
-    fig = Figure(figsize=(max(5.0, 1.2 + 0.45 * len(archs) * len(datasets)), 4), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(datasets))
-    for i, arch in enumerate(archs):
-        sel = rows[rows["architecture"] == arch].set_index("dataset")
-        values = [float(sel["value"].get(d, np.nan)) for d in datasets]
-        stds = [float(sel["std"].get(d, 0.0)) if "std" in sel else 0.0 for d in datasets]
-        stds = [0.0 if math.isnan(s) else s for s in stds]
-        ax.bar(
-            x + (i - (len(archs) - 1) / 2) * width,
-            values,
-            width,
-            yerr=stds,
-            capsize=3,
-            label=arch,
-            color=ARCH_COLOURS.get(arch),
-        )
-        for xi, value in zip(x + (i - (len(archs) - 1) / 2) * width, values, strict=True):
-            if math.isnan(value):  # no Δ_MTL (a metric was undefined): say so rather than draw nothing
-                ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, datasets, rotation=20, ha="right")
-    ax.set_ylabel("Δ_MTL vs STL (%)")
-    ax.set_title("Multi-task gain over single-task learning (mean ± std over seeds)")
-    ax.legend(fontsize="small")
-    return _save(fig, out)
+    seeds = 1
+    with _text():
+        fig = Figure(figsize=(max(6.0, 1.5 + 0.5 * len(archs) * len(datasets)), 4.5), layout="constrained")
+        ax = fig.subplots()
+        x = np.arange(len(datasets))
+        for i, arch in enumerate(archs):
+            sel = rows[rows["architecture"] == arch].set_index("dataset")
+            values = [float(sel["value"].get(d, np.nan)) for d in datasets]
+            counts = [_finite(sel["n_seeds"].get(d)) if "n_seeds" in sel else 1.0 for d in datasets]
+            counts = [int(n) if math.isfinite(n) else 1 for n in counts]
+            stds = [_finite(sel["std"].get(d)) if "std" in sel else float("nan") for d in datasets]
+            seeds = max(seeds, *counts)
+            xs = x + (i - (len(archs) - 1) / 2) * width
+            ax.bar(xs, values, width, label=arch, color=ARCH_COLOURS.get(arch))
+            for xi, value, std, n in zip(xs, values, stds, counts, strict=True):
+                if math.isnan(value):  # no Δ_MTL (a metric was undefined): say so rather than draw nothing
+                    ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize="small", rotation=90)
+                elif n > 1 and math.isfinite(std):
+                    ax.errorbar(xi, value, yerr=std, color="black", capsize=3, linewidth=1)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, datasets, rotation=20, ha="right")
+        ax.set_ylabel("Δ_MTL vs STL (%)")
+        spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+        ax.set_title(f"Multi-task gain over single-task learning ({spread})")
+        ax.legend(fontsize="small")
+        return _save(fig, out)
 
 
 def write_metric_table(summary_csv: Path, out: Path) -> Path:
@@ -330,64 +531,100 @@ def _whisker(length: float) -> float:
 
 
 def plot_comparison_delta(report: Mapping[str, Any], out: Path) -> Path:
-    """Δ_MTL per dataset and architecture with the paired-bootstrap confidence interval as whiskers; a
-    last group gives the mean over datasets beside the paper's (black diamonds)."""
+    """`comparison_delta_figure`, written to ``out``."""
+    with _text():
+        return _save(comparison_delta_figure(report, out), out)
+
+
+def comparison_delta_figure(report: Mapping[str, Any], out: Path | None = None) -> Figure:
+    """Δ_MTL per dataset and architecture: the bar is the mean over seeds, each seed a point, the
+    whiskers the paired-bootstrap confidence interval (none where it is undefined); a last group gives
+    the mean over datasets beside the paper's (black diamonds)."""
     datasets = list(report["datasets"])
     archs = list(report["mean_delta_mtl"])
     if not archs:
         raise CtanError(out, "no multi-task architecture to compare with STL")
     groups = [*datasets, "mean over datasets"]
     width = 0.8 / len(archs)
-    fig = Figure(figsize=(max(5.5, 1.5 + 0.5 * len(archs) * len(groups)), 4.2), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(groups))
-    for i, arch in enumerate(archs):
-        xs = x + (i - (len(archs) - 1) / 2) * width
-        values, low, high = [], [], []
-        for d in datasets:
-            entry = report["datasets"][d]["delta_mtl"][arch]
-            values.append(entry["delta_mtl"])
-            low.append(_whisker(entry["delta_mtl"] - entry["ci_low"]))
-            high.append(_whisker(entry["ci_high"] - entry["delta_mtl"]))
-        values.append(report["mean_delta_mtl"][arch])
-        low.append(0.0)
-        high.append(0.0)
-        ax.bar(xs, values, width, yerr=[low, high], capsize=3, label=arch, color=ARCH_COLOURS.get(arch))
-        paper = report.get("paper_delta_mtl", {}).get(arch)
-        if paper is not None:
-            ax.plot(xs[-1], paper, "D", color="black", markersize=5)
-    ax.plot([], [], "D", color="black", markersize=5, label="paper (4 datasets)")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, groups, rotation=15, ha="right")
-    ax.set_ylabel("Δ_MTL vs STL (%)")
-    ax.set_title("Multi-task gain over STL: mean over seeds, 95 % paired-bootstrap interval")
-    ax.legend(fontsize="small", ncols=2)
-    return _save(fig, out)
+    with _text():
+        fig = Figure(figsize=(max(7.0, 2.0 + 0.55 * len(archs) * len(groups)), 5.0), layout="constrained")
+        ax = fig.subplots()
+        x = np.arange(len(groups))
+        for i, arch in enumerate(archs):
+            xs = x + (i - (len(archs) - 1) / 2) * width
+            values = [report["datasets"][d]["delta_mtl"][arch]["delta_mtl"] for d in datasets]
+            values.append(report["mean_delta_mtl"][arch])
+            ax.bar(xs, values, width, label=arch, color=ARCH_COLOURS.get(arch), alpha=0.85)
+            for xi, d in zip(xs, datasets, strict=False):
+                entry = report["datasets"][d]["delta_mtl"][arch]
+                low, high = entry.get("ci_low", math.nan), entry.get("ci_high", math.nan)
+                if math.isfinite(low) and math.isfinite(high) and high > low:
+                    ax.errorbar(
+                        xi,
+                        entry["delta_mtl"],
+                        yerr=[[_whisker(entry["delta_mtl"] - low)], [_whisker(high - entry["delta_mtl"])]],
+                        color="black",
+                        capsize=3,
+                        linewidth=1,
+                    )
+                seeds = [v for v in entry.get("per_seed", []) if math.isfinite(v)]
+                offsets = np.linspace(-0.25, 0.25, len(seeds)) * width if len(seeds) > 1 else [0.0]
+                ax.scatter(
+                    xi + np.asarray(offsets[: len(seeds)]),
+                    seeds,
+                    s=22,
+                    color="white",
+                    edgecolors="black",
+                    linewidths=1,
+                    zorder=3,
+                    gid="seeds",
+                )
+            paper = report.get("paper_delta_mtl", {}).get(arch)
+            if paper is not None:
+                ax.plot(xs[-1], paper, "D", color="black", markersize=6)
+        handles, _ = ax.get_legend_handles_labels()
+        handles += [
+            Line2D(
+                [], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="one seed"
+            ),
+            Line2D([], [], marker="_", markersize=12, color="black", label="95 % bootstrap interval"),
+            Line2D([], [], marker="D", color="black", linestyle="", label="paper (4 datasets)"),
+        ]
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, groups, rotation=15, ha="right")
+        ax.set_ylabel("Δ_MTL vs STL (%)")
+        ax.set_title("Multi-task gain over STL: bar = mean over seeds, points = seeds")
+        ax.legend(handles=handles, fontsize="small", ncols=2, loc="best")
+        return fig
 
 
 def plot_comparison_cost(report: Mapping[str, Any], out: Path) -> Path:
     """Per dataset: median training-step time and peak memory of each architecture."""
     datasets = list(report["datasets"])
     archs = list(next(iter(report["datasets"].values()))["cost"])
-    fig = Figure(figsize=(max(6.0, 1.2 * len(archs) * len(datasets) * 0.6 + 3), 3.6), layout="constrained")
-    axes = fig.subplots(1, 2)
     width = 0.8 / len(archs)
     x = np.arange(len(datasets))
-    for ax, key, label in (
-        (axes[0], "step_seconds", "training step (s, median)"),
-        (axes[1], "peak_memory_mib", "peak memory (MiB)"),
-    ):
-        for i, arch in enumerate(archs):
-            values = [report["datasets"][d]["cost"][arch][key] for d in datasets]
-            ax.bar(
-                x + (i - (len(archs) - 1) / 2) * width,
-                values,
-                width,
-                label=arch,
-                color=ARCH_COLOURS.get(arch),
-            )
-        ax.set_xticks(x, datasets, rotation=15, ha="right")
-        ax.set_ylabel(label)
-    axes[0].legend(fontsize="small")
-    fig.suptitle("Training cost, measured in the same runs")
-    return _save(fig, out)
+    with _text():
+        fig = Figure(figsize=(max(10.0, 1.0 + 0.7 * len(archs) * len(datasets)), 4.8), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, key, label in (
+            (axes[0], "step_seconds", "training step, median (s)"),
+            (axes[1], "peak_memory_mib", "peak memory (MiB)"),
+        ):
+            for i, arch in enumerate(archs):
+                values = [report["datasets"][d]["cost"][arch][key] for d in datasets]
+                ax.bar(
+                    x + (i - (len(archs) - 1) / 2) * width,
+                    values,
+                    width,
+                    label=arch,
+                    color=ARCH_COLOURS.get(arch),
+                )
+            ax.set_xticks(x, datasets, rotation=15, ha="right")
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0].set_title("time per training step")
+        axes[1].set_title("peak memory")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        fig.suptitle("Training cost, measured in the same runs")
+        return _save(fig, out)

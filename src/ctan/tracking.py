@@ -28,6 +28,17 @@ from typing import Any
 from ctan.errors import CtanError
 
 LOCK_TIMEOUT_S = 600  # longest wait for another job that is creating the store
+# MLflow 3 records what an experiment is in this tag (its UI's experiment-type selector writes the
+# same): ours is model training, not GenAI. MLflow 3.17's UI nevertheless opens every experiment on
+# the view of its "GenAI | Model training" switch (GenAI's empty Overview by default, remembered per
+# browser): a link to the runs carries ``?workflowType=machine_learning`` (docs/pipeline.md).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def run_name(dataset: str, arch: str, seed: int, task: str | None = None, tuning: bool = False) -> str:
+    """``<dataset>/<arch>/seed<k>``, then ``/<task>`` for an STL network (as its model folder) and
+    ``/tuning`` for a tuning run."""
+    return f"{dataset}/{arch}/seed{seed}" + (f"/{task}" if task else "") + ("/tuning" if tuning else "")
 
 
 def tracking_uri(params: dict[str, Any]) -> str:
@@ -42,7 +53,15 @@ def _connect(params: dict[str, Any]):
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which `tracking_uri` reads as the
+    # user's override: left set, a second store in the same process (tests, notebooks) would
+    # silently reuse the first one. Keep the environment as the user left it.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(params))
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return mlflow
 
 
@@ -96,7 +115,7 @@ def _create_experiment(params: dict[str, Any], db: Path | None = None) -> None:
     try:
         if mlflow.get_experiment_by_name(name) is None:
             try:
-                mlflow.create_experiment(name)
+                mlflow.create_experiment(name, tags=EXPERIMENT_TAGS)
             except MlflowException:  # another process created it between the check and here
                 if mlflow.get_experiment_by_name(name) is None:
                     raise
@@ -167,6 +186,7 @@ def training_run(
     mlflow = _connect(params)
     init_tracking(params)
     experiment = mlflow.get_experiment_by_name(params["mlflow"]["experiment"])
+    _tag_experiment(mlflow, experiment)
     if run_id is not None:
         try:
             mlflow.get_run(run_id)
@@ -178,6 +198,13 @@ def training_run(
     with mlflow.start_run(**kwargs) as run:
         mlflow.set_tags(tags)
         yield run
+
+
+def _tag_experiment(mlflow, experiment) -> None:
+    """Give an experiment made before `EXPERIMENT_TAGS` (or by someone else) the tags it lacks."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in (experiment.tags or {}):
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
 
 
 @contextmanager

@@ -82,6 +82,20 @@ wildcard_constraints:
 # Multi-task architectures train one model per job; STL trains one model per task.
 MTL_ARCH = "|".join(a for a in ARCHITECTURES if a != "stl")
 
+
+def has_dose(dataset: str) -> bool:
+    """Whether a dataset predicts dose (its evaluation also draws the DVH figure)."""
+    from ctan.datasets import get_reader
+
+    s = settings(dataset)
+    tasks = get_reader(s.format).TASKS
+    return any(t in tasks and tasks[t].kind == "regression" for t in s.tasks)
+
+
+def one_of(names: list[str]) -> str:
+    """A wildcard constraint matching exactly these names (nothing at all when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
 # Source code whose change changes a stage's results (the same deps as in dvc.yaml): editing it
 # reruns that stage, as `dvc repro` would. Plumbing shared by every command (cli, config, errors,
 # tracking) is left out on purpose. Only .py files, so bytecode caches never trigger a rerun.

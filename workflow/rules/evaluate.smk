@@ -1,4 +1,6 @@
 # Score the trained model(s) of one dataset/architecture/seed on the test split (`ctan evaluate`).
+# Datasets with a dose task also get the DVH figure of the median test case (`evaluate_dose`: the
+# same job with one more output; a rule's outputs cannot depend on its wildcards).
 
 
 rule evaluate:
@@ -15,6 +17,8 @@ rule evaluate:
             subcategory="{dataset}",
             labels={"architecture": "{arch}", "seed": "{seed}"},
         ),
+    wildcard_constraints:
+        dataset=one_of([d for d in config["datasets"] if d not in EXTERNAL_NAMES and not has_dose(d)]),
     params:
         ctan=PARAMS,
         settings=evaluate_settings,
@@ -32,6 +36,27 @@ rule evaluate:
         "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
         " && ctan evaluate {params.ctan} --dataset {wildcards.dataset} --arch {wildcards.arch}"
         " --seed {wildcards.seed} --threads {threads}) > {log} 2>&1"
+
+
+use rule evaluate as evaluate_dose with:
+    output:
+        metrics=f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/metrics.json",
+        examples=report(
+            f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/examples.png",
+            caption="../report/examples.rst",
+            category="Example predictions",
+            subcategory="{dataset}",
+            labels={"architecture": "{arch}", "seed": "{seed}"},
+        ),
+        dvh=report(
+            f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/dvh.png",
+            caption="../report/dvh.rst",
+            category="Dose-volume histograms",
+            subcategory="{dataset}",
+            labels={"architecture": "{arch}", "seed": "{seed}"},
+        ),
+    wildcard_constraints:
+        dataset=one_of([d for d in config["datasets"] if d not in EXTERNAL_NAMES and has_dose(d)]),
 
 
 # The same models on every case of an external test set of the dataset (`ctan evaluate --on`).

@@ -173,6 +173,41 @@ def dvh_metrics(
     return out
 
 
+def dvh_curve(dose: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative DVH of one ROI: ``(dose_gy, volume_pct)``, ``volume_pct`` falling from 100 to 0.
+
+    The ROI's voxel doses sorted ascending, the i-th of n at volume ``100 · (n − 1 − i) / (n − 1)`` %:
+    the polyline on which numpy's linearly interpolated percentile lies, so ``D_x`` of
+    `dvh_metrics` (``np.percentile(roi_dose, 100 − x)``) is exactly this curve read at x % volume
+    (`dose_at_volume`). Empty arrays for an empty mask; a one-voxel ROI is the single point (d, 100).
+    """
+    roi_dose = np.sort(np.asarray(dose, dtype=np.float64)[np.asarray(mask).astype(bool)])
+    n = roi_dose.size
+    volume = 100.0 * np.arange(n - 1, -1, -1, dtype=np.float64) / (n - 1) if n > 1 else np.full(n, 100.0)
+    return roi_dose, volume
+
+
+def dose_at_volume(curve: tuple[np.ndarray, np.ndarray], volume_pct: float) -> float:
+    """The dose covering ``volume_pct`` % of the ROI, read off a `dvh_curve` by linear interpolation."""
+    doses, volume = curve
+    if doses.size == 0:
+        return float("nan")
+    return float(np.interp(volume_pct, volume[::-1], doses[::-1]))
+
+
+def dvh_metric_volumes(roi_voxels: int, voxel_dims_mm: Sequence[float]) -> dict[str, float]:
+    """Where each DVH metric of `dvh_metrics` sits on the curve: ``{metric: volume %}`` (OARs' mean has
+    no volume). D_0.1_cc: the hottest 0.1 cc, i.e. ``n / roi_voxels · 100`` % (at most 100 %)."""
+    voxel_volume = float(np.prod(np.asarray(voxel_dims_mm, dtype=np.float64)))
+    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume)))
+    return {
+        "D_0.1_cc": min(100.0, voxels_in_tenth_cc / roi_voxels * 100.0),
+        "D_99": 99.0,
+        "D_95": 95.0,
+        "D_1": 1.0,
+    }
+
+
 def dvh_errors(reference_metrics: DvhMetrics, predicted_metrics: DvhMetrics) -> DvhMetrics:
     """``|reference − prediction|`` for every metric the reference has (the prediction must have it too)."""
     missing = sorted(set(reference_metrics) - set(predicted_metrics))

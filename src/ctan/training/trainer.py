@@ -301,7 +301,7 @@ def train(
     from ctan.provenance import code_version
 
     commit, dirty = code_version()
-    label = f"{dataset}/{arch}" + (f"/{task}" if task else "") + f"/seed{seed}" + ("" if tuned else "/tuning")
+    label = tracking.run_name(dataset, arch, seed, task, tuning=not tuned)
     tags = {
         "dataset": dataset,
         "architecture": arch,
