@@ -63,7 +63,7 @@ def local_demo_run(tmp_path_factory) -> Path:
         env=env,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,  # beside the SLURM test's own demo run on a 2-core runner (about 25-35 min)
     )
     if proc.returncode != 0:
         pytest.fail(f"the default workflow failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

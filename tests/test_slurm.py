@@ -34,7 +34,7 @@ CLUSTER_SCRIPT = REPO / ".ci" / "slurm-cluster.sh"
 TARGET = "results/summary.csv"
 PROFILES = ["workflow/profiles/slurm", "workflow/profiles/slurm-test"]
 # Both runs together; on a busy machine raise it with CTAN_SLURM_TEST_TIMEOUT (seconds).
-RUN_TIMEOUT_S = float(os.environ.get("CTAN_SLURM_TEST_TIMEOUT", 2400))
+RUN_TIMEOUT_S = float(os.environ.get("CTAN_SLURM_TEST_TIMEOUT", 3600))
 RUN_ID = re.compile(r"^SLURM run ID: (\S+)", re.MULTILINE)  # the executor's job name for this run
 JOB_ID = re.compile(r"^SLURM_JOB_ID=(\d+)\b", re.MULTILINE)
 # Summary columns that must agree between executors; run ids, code version and model file hashes
