@@ -411,7 +411,8 @@ def test_external_test_set_is_evaluated_for_every_architecture_and_seed(copy: Pa
     n_runs = len(real["run"]["architectures"]) * len(real["run"]["seeds"])
     assert jobs["evaluate_external"] == n_runs == 18
     assert jobs["preprocess_external"] == 1 and jobs["download"] == len(real["run"]["datasets"]) + 1
-    assert jobs["evaluate"] == n_runs * len(real["run"]["datasets"])  # the internal ones unchanged
+    internal = jobs["evaluate"] + jobs.get("evaluate_dose", 0)  # dose datasets: evaluate_dose (DVH)
+    assert internal == n_runs * len(real["run"]["datasets"])  # the internal ones unchanged
     commands = re.findall(r"ctan evaluate .*--on openkbp_test_pats.*", out.stdout)
     assert len(commands) == n_runs and all("--dataset openkbp_sample" in c for c in commands)
     inputs = _rule_inputs(out.stdout)
