@@ -135,27 +135,26 @@ class _Audit:
                 self.flag(str(raw / rel), problem, raw_path, lines, reason)
 
     def check_metrics_and_models(self) -> None:
+        models_behind: dict[str, dict[str, str]] = {}  # metrics.json -> the models it names, read once
         for line, row in self.numbered():
             behind = _pairs(row["metrics_sha256"])
             models = _pairs(row["model_sha256"])
             for path, recorded in behind.items():
-                now = self.sha256(path)
-                if now != recorded:
-                    problem = (
-                        "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
-                    )
-                    self.flag(path, problem, path, [line], f"{path} changed")
-                try:
-                    models.update(json.loads(Path(path).read_text())["provenance"]["model_sha256"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    pass  # reported above as changed or missing
+                self._check_file(path, recorded, line, f"{path} changed")
+                if path not in models_behind:
+                    try:
+                        models_behind[path] = json.loads(Path(path).read_text())["provenance"]["model_sha256"]
+                    except (OSError, ValueError, KeyError, TypeError):
+                        models_behind[path] = {}  # reported above as changed or missing
+                models.update(models_behind[path])
             for path, recorded in models.items():
-                now = self.sha256(path)
-                if now != recorded:
-                    problem = (
-                        "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
-                    )
-                    self.flag(path, problem, path, [line], f"model {path} changed")
+                self._check_file(path, recorded, line, f"model {path} changed")
+
+    def _check_file(self, path: str, recorded: str, line: int, reason: str) -> None:
+        now = self.sha256(path)
+        if now != recorded:
+            problem = "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
+            self.flag(path, problem, path, [line], reason)
 
     # --- the numbers ----------------------------------------------------------------------------------
 
