@@ -263,7 +263,7 @@ FAKE_CTAN = textwrap.dedent(
     p = argparse.ArgumentParser()
     p.add_argument("command")
     p.add_argument("positional", nargs="?")
-    for opt in ("--dataset", "--arch", "--seed", "--task", "--threads", "--output", "--figure", "--table"):
+    for opt in ("--dataset", "--arch", "--seed", "--task", "--threads", "--output", "--figure", "--table", "--on"):
         p.add_argument(opt)
     p.add_argument("--params", action="append")
     a = p.parse_args()
@@ -289,10 +289,15 @@ FAKE_CTAN = textwrap.dedent(
                 write((out / task if task else out) / name, json.dumps(s.training))
     elif a.command == "evaluate":
         s = dataset_settings(params, a.dataset)
-        out = s.results_dir / a.arch / f"seed{a.seed}"
-        for name in ("metrics.json", "examples.png", "predictions/case.npz"):
-            write(out / name, "{}")
-        if "dose" in s.tasks:
+        if a.on:  # an external test set: metrics and examples only
+            out = s.results_dir / "external" / a.on / a.arch / f"seed{a.seed}"
+            for name in ("metrics.json", "examples.png"):
+                write(out / name, "{}")
+        else:
+            out = s.results_dir / a.arch / f"seed{a.seed}"
+            for name in ("metrics.json", "examples.png", "predictions/case.npz"):
+                write(out / name, "{}")
+        if "dose" in s.tasks and not a.on:
             write(out / "dvh.png")
     elif a.command == "summarize":
         write(a.output, "row_type,dataset,architecture,value\\n")
