@@ -176,9 +176,11 @@ def test_the_markdown_names_every_architecture_and_the_paper(run):
             t: {m: {"mean": v, "std": 0.01, "higher_is_better": True} for m, v in ms.items()}
             for t, ms in run[arch, 0]["tasks"].items()
         }
-    report = {"seeds": [0, 1, 2], "datasets": {"toy": entry}, "paper_delta_mtl": {"ctan": 4.67}}
+    entry["seeds"] = [0, 1, 2]
+    report = {"datasets": {"toy": entry}, "paper_delta_mtl": {"ctan": 4.67}}
     report["mean_delta_mtl"] = {"better": entry["delta_mtl"]["better"]["delta_mtl"]}
     text = render_markdown(report)
+    assert "Seeds 0, 1, 2; " in text
     assert "### toy" in text and "| better | +5.00 ± 0.00 | [+5.00, +5.00]" in text
     assert "`r1`" in text and "abc.dir" in text
     json.dumps(report)  # everything in the report is plain JSON

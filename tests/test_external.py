@@ -53,6 +53,16 @@ def test_an_external_set_takes_tasks_and_plan_from_its_training_dataset():
     assert external_sets(params, "prostate_demo") == []
 
 
+def test_a_dataset_may_set_its_own_seeds_and_its_external_sets_follow():
+    params = _base()
+    assert dataset_settings(params, "openkbp_demo").seeds == tuple(params["run"]["seeds"])
+    params["datasets"]["openkbp_demo"]["seeds"] = [3, 7]
+    params = validate(params, source="test")
+    assert dataset_settings(params, "openkbp_demo").seeds == (3, 7)
+    assert dataset_settings(params, "openkbp_demo_external").seeds == (3, 7)  # its models' seeds
+    assert dataset_settings(params, "ham10000_demo").seeds == tuple(params["run"]["seeds"])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -66,6 +76,7 @@ def test_an_external_set_takes_tasks_and_plan_from_its_training_dataset():
         ({"tasks": ["dose"]}, r"tasks \['dose'\] differ from the tasks of its training dataset"),
         ({"preprocess": {"shape": [8, 8, 8]}}, "sets preprocess, which an external test set takes"),
         ({"split": {"test": 0.5}}, "sets split"),
+        ({"seeds": [0, 1]}, "sets seeds, which an external test set takes"),
     ],
 )
 def test_bad_external_entries_are_refused_naming_what_differs(change, message):

@@ -383,16 +383,21 @@ def test_report_shows_summary_curves_and_examples(fake_run: Path) -> None:
 
 
 def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path) -> None:
-    """config/real-sample.yaml: the real samples, six architectures, three seeds (issue 6's run)."""
+    """config/real-sample.yaml: the real samples, six architectures, each dataset's seeds (HAM10000 its
+    own five, OpenKBP run.seeds); one tuning job per network, not per seed."""
     # --configfile takes several files: the target goes before it, as in the README.
     out = snakemake(copy, "-n", "results/summary.csv", "--configfile", "config/real-sample.yaml")
     jobs = planned_jobs(out.stdout + out.stderr)
     real = yaml.safe_load((REPO / "config" / "real-sample.yaml").read_text())
-    n_seeds, n_datasets = len(real["run"]["seeds"]), len(real["run"]["datasets"])
+    n_datasets = len(real["run"]["datasets"])
+    seeds = {d: real["datasets"][d].get("seeds", real["run"]["seeds"]) for d in real["run"]["datasets"]}
+    assert len(seeds["ham10000_sample"]) >= 5 and len(seeds["openkbp_sample"]) >= 3
+    n_runs = sum(map(len, seeds.values()))  # (dataset, seed) pairs
     assert jobs["download"] == jobs["preprocess"] == n_datasets
-    assert jobs["train_stl"] == 2 * n_datasets * n_seeds  # two tasks per dataset, one job each
-    assert jobs["train_mtl"] == 5 * n_datasets * n_seeds
-    assert jobs["evaluate"] + jobs["evaluate_dose"] == 6 * n_datasets * n_seeds
+    assert jobs["train_stl"] == 2 * n_runs  # two tasks per dataset, one job each
+    assert jobs["train_mtl"] == 5 * n_runs
+    assert jobs["evaluate"] + jobs["evaluate_dose"] == 6 * n_runs
+    assert jobs["evaluate_dose"] == 6 * len(seeds["openkbp_sample"])
     # The learning-rate grid is tuned once per network (not per seed), before the final training jobs.
     assert jobs["tune_stl"] == 2 * n_datasets and jobs["tune_mtl"] == 5 * n_datasets
 
@@ -413,18 +418,19 @@ def test_external_test_set_is_evaluated_for_every_architecture_and_seed(copy: Pa
     )
     jobs = planned_jobs(out.stdout)
     real = yaml.safe_load((REPO / "config" / "real-sample.yaml").read_text())
-    n_runs = len(real["run"]["architectures"]) * len(real["run"]["seeds"])
-    assert jobs["evaluate_external"] == n_runs == 18
+    # An external set is evaluated with every model of its training dataset: that dataset's seeds.
+    openkbp_seeds = real["datasets"]["openkbp_sample"].get("seeds", real["run"]["seeds"])
+    n_runs = len(real["run"]["architectures"]) * len(openkbp_seeds)
+    assert jobs["evaluate_external"] == n_runs
     assert jobs["preprocess_external"] == 1 and jobs["download"] == len(real["run"]["datasets"]) + 1
-    internal = jobs["evaluate"] + jobs.get("evaluate_dose", 0)  # dose datasets: evaluate_dose (DVH)
-    assert internal == n_runs * len(real["run"]["datasets"])  # the internal ones unchanged
+    assert jobs["evaluate_dose"] == n_runs  # the internal ones unchanged
     commands = re.findall(r"ctan evaluate .*--on openkbp_test_pats.*", out.stdout)
     assert len(commands) == n_runs and all("--dataset openkbp_sample" in c for c in commands)
     inputs = _rule_inputs(out.stdout)
     assert "data/raw/openkbp_sample" in inputs["preprocess_external"]
     summary_inputs = inputs["summarize"]
     for arch in real["run"]["architectures"]:
-        for seed in real["run"]["seeds"]:
+        for seed in openkbp_seeds:
             metrics = f"results/openkbp_sample/external/openkbp_test_pats/{arch}/seed{seed}/metrics.json"
             assert metrics in summary_inputs
     # Training and tuning never see it.

@@ -277,9 +277,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
     rng_seed = int(cfg.get("seed", 0))
     if "stl" not in run["architectures"]:
         raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
-    seeds = list(run["seeds"])
     report: dict[str, Any] = {
-        "seeds": seeds,
         "datasets": {},
         "external": {},
         "paper_delta_mtl": PAPER_DELTA_MTL,
@@ -288,6 +286,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
     evaluated += [(e, d) for d in run["datasets"] for e in external_sets(params, d)]
     for dataset, trained_on in evaluated:
         settings = dataset_settings(params, dataset)  # an external set's results folder and models' tasks
+        seeds = list(settings.seeds)  # datasets.<name>.seeds or run.seeds
         docs = {}
         for arch in run["architectures"]:
             for seed in seeds:
@@ -300,6 +299,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
                     )
                 docs[arch, seed] = json.loads(path.read_text())
         entry: dict[str, Any] = {
+            "seeds": seeds,
             "data_hash": dvc_md5(settings.preprocessed_dir),
             "source_sha256": docs["stl", seeds[0]]["provenance"].get("source_sha256"),
             "test_cases": len(scored_cases(docs["stl", seeds[0]])),
@@ -388,10 +388,9 @@ def _ci(low: float, high: float) -> str:
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    seeds = report["seeds"]
     lines = [
         "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
-        f"Seeds: {', '.join(map(str, seeds))}. Cells: mean ± std over seeds. Δ_MTL: % vs STL of the same "
+        "Cells: mean ± std over seeds. Δ_MTL: % vs STL of the same "
         "seed on each task's primary metrics (marked *), positive is better; 95 % interval: hierarchical "
         "paired bootstrap (seeds and test cases resampled); the test-case-only interval beside it; "
         "detectable: the smallest true Δ this design finds with 80 % power.",
@@ -406,6 +405,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"### {dataset}"
             + (f" (external test set; models trained on {trained_on})" if trained_on else ""),
             "",
+            f"Seeds {', '.join(map(str, entry['seeds']))}; "
             f"{entry['test_cases']} test cases; data hash (DVC md5) `{entry['data_hash']}`"
             + (f"; source SHA-256 `{entry['source_sha256']}`" if entry.get("source_sha256") else "")
             + ".",

@@ -56,7 +56,7 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
 
 
 # Keys an external test set takes from its training dataset and may therefore not set itself.
-FROM_TRAINING = ("preprocess", "split", "primary_metrics", "training", "model", "tuning")
+FROM_TRAINING = ("preprocess", "split", "primary_metrics", "training", "model", "tuning", "seeds")
 
 
 def check_external(params: dict[str, Any], name: str, source: str = "params") -> None:
@@ -138,6 +138,7 @@ class DatasetSettings:
     training: dict[str, Any]
     model: dict[str, Any]
     tuning: dict[str, Any]
+    seeds: tuple[int, ...]  # datasets.<name>.seeds, else run.seeds; an external set: its training set's
     raw_dir: Path
     preprocessed_dir: Path
     models_dir: Path
@@ -213,6 +214,7 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
         training=deep_merge(params["training"], ds.get("training", {})),
         model=deep_merge(params["model"], ds.get("model", {})),
         tuning=deep_merge(params.get("tuning") or {}, ds.get("tuning", {})),
+        seeds=tuple(ds.get("seeds") or (params.get("run") or {}).get("seeds") or (0,)),
         raw_dir=inside(paths["raw"], name),
         preprocessed_dir=inside(paths["preprocessed"], name),
         models_dir=inside(paths["models"], name),

@@ -82,7 +82,7 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
         }
         docs = {}
         for arch in run["architectures"]:
-            for seed in run["seeds"]:
+            for seed in settings.seeds:
                 path = metrics_path(settings.results_dir, arch, seed)
                 if not path.is_file():
                     on = f" --on {dataset}" if trained_on else ""
@@ -92,7 +92,7 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
                         f"--seed {seed}{on}`",
                     )
                 docs[arch, seed] = path, json.loads(path.read_text())
-        rows += dataset_rows(dataset, run["architectures"], run["seeds"], docs, where)
+        rows += dataset_rows(dataset, run["architectures"], list(settings.seeds), docs, where)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", newline="") as fh:

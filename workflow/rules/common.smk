@@ -176,18 +176,18 @@ def trained_models(wildcards) -> list[str]:
 
 def all_metrics() -> list[str]:
     """Every evaluation: each dataset's test split, and each of its external test sets."""
-    internal = expand(
-        f"{RESULTS}/{{dataset}}/{{arch}}/seed{{seed}}/metrics.json",
-        dataset=RUN["datasets"],
-        arch=RUN["architectures"],
-        seed=RUN["seeds"],
-    )
+    internal = [
+        f"{RESULTS}/{dataset}/{arch}/seed{seed}/metrics.json"
+        for dataset in RUN["datasets"]
+        for arch in RUN["architectures"]
+        for seed in settings(dataset).seeds
+    ]
     external = [
         f"{RESULTS}/{dataset}/external/{name}/{arch}/seed{seed}/metrics.json"
         for dataset, names in EXTERNAL.items()
         for name in names
         for arch in RUN["architectures"]
-        for seed in RUN["seeds"]
+        for seed in settings(dataset).seeds
     ]
     return internal + external
 
@@ -197,7 +197,7 @@ def all_histories() -> list[str]:
     out = []
     for dataset in RUN["datasets"]:
         for arch in RUN["architectures"]:
-            for seed in RUN["seeds"]:
+            for seed in settings(dataset).seeds:
                 base = f"{MODELS}/{dataset}/{arch}/seed{seed}"
                 tasks = settings(dataset).tasks if arch == "stl" else [None]
                 out += [f"{base}/{t}/history.json" if t else f"{base}/history.json" for t in tasks]
