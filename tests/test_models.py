@@ -49,9 +49,23 @@ def build(arch: str, mix: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Te
     return model, x
 
 
-def test_registry_matches_cli() -> None:
+def test_the_registry_is_the_one_list_of_architectures() -> None:
+    """The CLI, the parameter validation and the Snakefile read ARCHITECTURES, and reading it loads no
+    torch (the Snakefile and `--help` stay fast)."""
+    import subprocess
+    import sys
+
+    from ctan.config import load_params, validate
+
     assert ARCHITECTURES == ("stl", "hps", "mtan", "ctan", "ctan_no_ctae", "ctan_no_ctab")
-    assert set(cli.ARCHITECTURES) == set(ARCHITECTURES)
+    assert cli.ARCHITECTURES is ARCHITECTURES
+    params = load_params()
+    params["run"]["architectures"] = ["stl", "ctan_v2"]
+    with pytest.raises(CtanError, match=r"run/architectures: 'ctan_v2' \(known: stl, hps, mtan"):
+        validate(params)
+    code = "import sys, ctan.models, ctan.cli, ctan.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("mix", MIXES)

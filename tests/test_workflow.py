@@ -263,7 +263,8 @@ FAKE_CTAN = textwrap.dedent(
     p = argparse.ArgumentParser()
     p.add_argument("command")
     p.add_argument("positional", nargs="?")
-    for opt in ("--dataset", "--arch", "--seed", "--task", "--threads", "--output", "--figure", "--table", "--on"):
+    options = ("--dataset", "--arch", "--seed", "--task", "--threads", "--output", "--figure", "--table")
+    for opt in (*options, "--on"):
         p.add_argument(opt)
     p.add_argument("--params", action="append")
     a = p.parse_args()

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctan.errors import CtanError
-
-ARCHITECTURES = ["stl", "hps", "mtan", "ctan", "ctan_no_ctae", "ctan_no_ctab"]
+from ctan.models import ARCHITECTURES
 
 
 def _seed(text: str) -> int:

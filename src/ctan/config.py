@@ -39,6 +39,15 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise CtanError(source, f"invalid parameter at {where}: {err.message}") from None
+    from ctan.models import ARCHITECTURES  # no torch: the registry imports an architecture when built
+
+    unknown = [a for a in params["run"]["architectures"] if a not in ARCHITECTURES]
+    if unknown:
+        raise CtanError(
+            source,
+            f"invalid parameter at run/architectures: {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(ARCHITECTURES)})",
+        )
     for name in params["run"]["datasets"]:
         if name not in params["datasets"]:
             raise CtanError(source, f"run.datasets names {name!r}, which is not under datasets:")

@@ -11,7 +11,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from ctan.cli import ARCHITECTURES
+from ctan.models import ARCHITECTURES
 from ctan.config import dataset_settings, external_sets
 from ctan.config import validate as validate_params
 

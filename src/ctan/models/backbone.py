@@ -101,6 +101,21 @@ class MultiTaskNet(nn.Module):
         self.width = width
         self.depth = depth
 
+    @classmethod
+    def from_settings(
+        cls,
+        tasks: list[Task],
+        in_channels: int,
+        spatial_dims: int,
+        width: int,
+        depth: int,
+        attention_heads: int,
+        **flags: bool,
+    ) -> MultiTaskNet:
+        """Build from the shared model settings; architectures without attention heads ignore them.
+        ValueError names a setting this architecture cannot use."""
+        return cls(tasks, in_channels, spatial_dims, width, depth, **flags)
+
     @property
     def dense_tasks(self) -> list[Task]:
         return [t for t in self.tasks if t.dense]

@@ -132,6 +132,25 @@ class CrossTaskAttentionBottleneck(nn.Module):
 
 
 class CTAN(MultiTaskNet):
+    @classmethod
+    def from_settings(
+        cls,
+        tasks: list[Task],
+        in_channels: int,
+        spatial_dims: int,
+        width: int,
+        depth: int,
+        attention_heads: int,
+        **flags: bool,
+    ) -> CTAN:
+        bottleneck = stage_channels(width, depth)[-1]
+        if bottleneck % attention_heads:
+            raise ValueError(
+                f"attention_heads={attention_heads} must divide the {bottleneck} bottleneck channels "
+                "(width * 2**depth)"
+            )
+        return cls(tasks, in_channels, spatial_dims, width, depth, attention_heads, **flags)
+
     def __init__(
         self,
         tasks: list[Task],
