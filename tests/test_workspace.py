@@ -14,7 +14,7 @@ import yaml
 from ctan.cli import main
 from ctan.config import dataset_settings, load_params
 from ctan.errors import CtanError
-from ctan.training.setup import model_dir
+from ctan.layout import model_dir
 from ctan.workspace import NAME_PATTERN, inside
 
 REPO = Path(__file__).resolve().parents[1]

@@ -160,7 +160,8 @@ class _Audit:
 
     def recompute(self) -> None:
         """Rebuild each dataset's rows from its metrics.json files with the summary's own code."""
-        from ctan.summary import COLUMNS, dataset_rows, format_row, metrics_path
+        from ctan.layout import metrics_path
+        from ctan.summary import COLUMNS, dataset_rows, format_row
 
         key_columns = ("row_type", "dataset", "architecture", "seed", "task", "metric")
         summary = str(self.summary)

@@ -35,8 +35,8 @@ import numpy as np
 
 from ctan.config import dataset_settings, external_sets
 from ctan.errors import CtanError
+from ctan.layout import metrics_path, model_dir, networks
 from ctan.metrics.classification import mean_recall, rank_auc
-from ctan.training.setup import model_dir, results_dir
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
@@ -240,7 +240,7 @@ def _quiet_metrics_log():
 
 def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
     """From the run's history.json file(s): STL's task models are added up, as STL needs all of them."""
-    keys = list(settings.tasks) if arch == "stl" else [None]
+    keys = networks(arch, settings.tasks)
     epochs, seconds, steps, waits, peaks = 0, 0.0, [], [], []
     for key in keys:
         path = model_dir(settings, arch, seed, key) / "history.json"
@@ -290,7 +290,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
         docs = {}
         for arch in run["architectures"]:
             for seed in seeds:
-                path = results_dir(settings, arch, seed) / "metrics.json"
+                path = metrics_path(settings.results_dir, arch, seed)
                 if not path.is_file():
                     on = f" --on {dataset}" if trained_on else ""
                     raise CtanError(

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from ctan.config import dataset_settings
 from ctan.errors import CtanError
+from ctan.layout import choice_path, model_dir, networks, results_dir
+from ctan.manifest import read_manifest
 from ctan.provenance import code_version, file_sha256
-from ctan.tasks import Task
+from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
-from ctan.training.setup import model_dir, read_manifest, resolve_tasks, results_dir, task_from_dict
 from ctan.training.trainer import pick_device
 
 # Targets whose name marks them as dose targets in bring-your-own cases (DVH: D99, D95, D1).
@@ -36,10 +37,9 @@ def load_models(
     """{task name: model}; an MTL model serves all its tasks, STL has one model per task."""
     from ctan.models import build_model
 
-    if arch == "stl":
-        paths = {t: model_dir(settings, arch, seed, t) / "model.pt" for t in settings.tasks}
-    else:
-        paths = {"*": model_dir(settings, arch, seed) / "model.pt"}
+    paths = {
+        t or "*": model_dir(settings, arch, seed, t) / "model.pt" for t in networks(arch, settings.tasks)
+    }
     models: dict[str, torch.nn.Module] = {}
     hashes = {}
     for path in paths.values():
@@ -50,7 +50,7 @@ def load_models(
         checkpoint.verify(path)  # against the SHA-256 recorded at training time, before anything loads
         state = checkpoint.load(path)
         cfg = state["model_config"]
-        tasks = [task_from_dict(t) for t in state["tasks"]]
+        tasks = [Task.from_dict(t) for t in state["tasks"]]
         model = build_model(
             cfg["arch"],
             tasks,
@@ -133,10 +133,10 @@ def evaluate(
 
     settings = dataset_settings(params, dataset).trainable()
     data = external_test_set(params, settings, on) if on else settings  # the store evaluated
-    manifest = read_manifest(data)
+    manifest = read_manifest(data.preprocessed_dir)
     if on:
-        check_external_manifest(read_manifest(settings), manifest, settings, data)
-    tasks = resolve_tasks(settings, manifest)
+        check_external_manifest(read_manifest(settings.preprocessed_dir), manifest, settings, data)
+    tasks = dataset_tasks(settings, manifest)
     dev = pick_device(device)
     models, model_hashes = load_models(settings, arch, seed, dev)
     out = results_dir(data, arch, seed)
@@ -193,7 +193,7 @@ def evaluate(
 
     commit, dirty = code_version()
     run_ids = {}
-    for key in [t for t in settings.tasks] if arch == "stl" else [None]:
+    for key in networks(arch, settings.tasks):
         run_file = model_dir(settings, arch, seed, key) / "run.json"
         if run_file.is_file():
             run_ids[key or "all"] = json.loads(run_file.read_text())["run_id"]
@@ -307,7 +307,7 @@ def _plot_median_case(settings, arch, seed, tasks, test_set, store, pred_dir, pe
         for t in tasks
     }
     targets = {t.name: item[t.name].numpy() for t in tasks}
-    names = list(read_manifest(settings).get("structure_names", []))
+    names = list(read_manifest(settings.preprocessed_dir).get("structure_names", []))
     title = f"{settings.name} · {arch} · seed {seed}: {phrase}"
     plot_examples(
         item["image"].numpy(), targets, preds, tasks, out / "examples.png", title=title, structure_names=names
@@ -378,12 +378,12 @@ def _openkbp_patients(settings) -> dict[str, Path]:
 
 def _tuning_record(settings, arch: str) -> dict[str, Any]:
     """What `ctan tune` chose for each network of this model and the validation score it won with."""
-    from ctan.training.tuning import choice_path, grid, needs_tuning
+    from ctan.training.tuning import grid, needs_tuning
 
     if not needs_tuning(settings):
         return {"tuned": False, "values": {k: v[0] for k, v in grid(settings).items()}}
     out: dict[str, Any] = {"tuned": True}
-    for key in list(settings.tasks) if arch == "stl" else [None]:
+    for key in networks(arch, settings.tasks):
         choice = json.loads(choice_path(settings, arch, key).read_text())
         out[key or "all"] = {"chosen": choice["chosen"], "validation_score": choice["chosen_score"]}
     return out

@@ -127,7 +127,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a preprocessed folder; CtanError if missing or not a manifest."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise CtanError(path, "missing; run `ctan preprocess` first")
+        raise CtanError(path, f"missing; run `ctan preprocess {Path(folder).name}` first")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:

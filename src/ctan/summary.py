@@ -28,8 +28,8 @@ import numpy as np
 
 from ctan.config import dataset_settings, external_sets, params_hash
 from ctan.errors import CtanError
+from ctan.layout import metrics_path
 from ctan.provenance import dvc_md5, file_sha256
-from ctan.training.setup import run_dir
 
 COLUMNS = [
     "row_type",
@@ -102,11 +102,6 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
             writer.writerow(format_row(row))
     tmp.replace(output)
     return output
-
-
-def metrics_path(results_root: Path, arch: str, seed: int) -> Path:
-    """The metrics.json of one evaluation under a dataset's results folder."""
-    return run_dir(Path(results_root), arch, seed) / "metrics.json"
 
 
 def dataset_rows(

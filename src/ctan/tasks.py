@@ -7,8 +7,14 @@ evaluator picks its metrics. A dataset module declares which tasks it offers (`T
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from ctan.errors import CtanError
+
+if TYPE_CHECKING:
+    from ctan.config import DatasetSettings
 
 Kind = Literal["segmentation", "regression", "classification"]
 
@@ -58,6 +64,63 @@ class Task:
         if self.kind == "classification":
             return 1 if self.classes == 2 else self.classes
         return self.channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so checkpoints load with torch.load(weights_only=True)."""
+        out = dataclasses.asdict(self)
+        for key in ("class_names", "metrics", "primary_metrics"):
+            out[key] = list(getattr(self, key))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}  # checkpoints from before a field was dropped
+        tuples = {k: tuple(data.get(k, ())) for k in ("class_names", "metrics", "primary_metrics")}
+        return cls(**{**data, **tuples})
+
+
+def dataset_tasks(settings: DatasetSettings, manifest: dict[str, Any], only: str | None = None) -> list[Task]:
+    """The dataset's configured tasks, with channel/class counts taken from its preprocessed data.
+
+    Bring-your-own cases define their own structures, so the count is known only after preprocessing.
+    """
+    from ctan.datasets import get_reader
+
+    reader = get_reader(settings.format)
+    names = list(settings.tasks)
+    if only is not None:
+        if only not in names:
+            raise CtanError(None, f"task {only!r} is not a task of {settings.name} ({', '.join(names)})")
+        names = [only]
+    tasks = []
+    for name in names:
+        if name not in reader.TASKS:
+            raise CtanError(
+                None, f"format {settings.format} offers no task {name!r} ({', '.join(reader.TASKS)})"
+            )
+        task = reader.TASKS[name]
+        if task.target == "structures":
+            task = dataclasses.replace(task, channels=len(manifest["structure_names"]))
+        if name in settings.primary_metrics:
+            task = dataclasses.replace(task, primary_metrics=_primary_override(settings, task))
+        if task.kind == "classification" and task.target == "diagnosis" and manifest.get("class_names"):
+            classes = manifest["class_names"]
+            task = dataclasses.replace(task, classes=len(classes), class_names=tuple(classes))
+        tasks.append(task)
+    return tasks
+
+
+def _primary_override(settings: DatasetSettings, task: Task) -> tuple[str, ...]:
+    chosen = tuple(settings.primary_metrics[task.name])
+    unknown = [m for m in chosen if m not in task.metrics]
+    if unknown or not chosen:
+        raise CtanError(
+            None,
+            f"datasets.{settings.name}.primary_metrics.{task.name}: {', '.join(unknown) or 'empty'} "
+            f"not among the task's metrics ({', '.join(task.metrics)})",
+        )
+    return chosen
 
 
 # Dose prediction is the same task wherever it appears (OpenKBP, bring-your-own cases).

@@ -13,6 +13,7 @@ from snakemake.utils import validate
 
 from ctan.models import ARCHITECTURES
 from ctan.config import dataset_settings, external_sets
+from ctan.layout import SINGLE_TASK, choice_path, model_files
 from ctan.config import validate as validate_params
 
 
@@ -80,7 +81,7 @@ wildcard_constraints:
 
 
 # Multi-task architectures train one model per job; STL trains one model per task.
-MTL_ARCH = "|".join(a for a in ARCHITECTURES if a != "stl")
+MTL_ARCH = "|".join(a for a in ARCHITECTURES if a != SINGLE_TASK)
 
 
 def has_dose(dataset: str) -> bool:
@@ -144,12 +145,13 @@ def tune_settings(wildcards) -> dict:
 
 def tuning_choice(wildcards) -> list[str]:
     """The tuning choice a final training job applies; none where the grid has a single point."""
-    from ctan.training.tuning import choice_path, needs_tuning
+    from ctan.training.tuning import needs_tuning
 
     s = settings(wildcards.dataset)
     if not needs_tuning(s):
         return []
-    return [str(choice_path(s, getattr(wildcards, "arch", "stl"), getattr(wildcards, "task", None)))]
+    arch = getattr(wildcards, "arch", SINGLE_TASK)  # train_stl has no arch wildcard
+    return [str(choice_path(s, arch, getattr(wildcards, "task", None)))]
 
 
 def evaluate_settings(wildcards) -> dict:
@@ -163,15 +165,8 @@ def training_raw(wildcards) -> list[str]:
 
 
 def trained_models(wildcards) -> list[str]:
-    """MTL: the one model; STL: one model per task of the dataset."""
-    if wildcards.arch == "stl":
-        return expand(
-            f"{MODELS}/{{dataset}}/stl/seed{{seed}}/{{task}}/model.pt",
-            dataset=wildcards.dataset,
-            seed=wildcards.seed,
-            task=settings(wildcards.dataset).tasks,
-        )
-    return [f"{MODELS}/{wildcards.dataset}/{wildcards.arch}/seed{wildcards.seed}/model.pt"]
+    """MTL: the one model; STL: one model per task of the dataset (ctan.layout)."""
+    return [str(p) for p in model_files(settings(wildcards.dataset), wildcards.arch, int(wildcards.seed))]
 
 
 def all_metrics() -> list[str]:
@@ -198,9 +193,7 @@ def all_histories() -> list[str]:
     for dataset in RUN["datasets"]:
         for arch in RUN["architectures"]:
             for seed in settings(dataset).seeds:
-                base = f"{MODELS}/{dataset}/{arch}/seed{seed}"
-                tasks = settings(dataset).tasks if arch == "stl" else [None]
-                out += [f"{base}/{t}/history.json" if t else f"{base}/history.json" for t in tasks]
+                out += [str(p) for p in model_files(settings(dataset), arch, seed, "history.json")]
     return out
 
 

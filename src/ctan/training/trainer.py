@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from ctan.config import dataset_settings, params_hash
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.layout import check_task_option, model_dir, per_task
+from ctan.manifest import read_manifest
+from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
 from ctan.training.losses import task_loss
 from ctan.training.selection import classification_metrics, improves, selection_score
-from ctan.training.setup import model_dir, read_manifest, resolve_tasks, task_to_dict
 from ctan.training.weighting import build_weighting
 
 
@@ -188,13 +189,12 @@ def train(
     from ctan.models import build_model
 
     settings = dataset_settings(params, dataset).trainable()
-    if arch == "stl" and task is None:
+    if per_task(arch) and task is None:
         return [p for t in settings.tasks for p in train(params, dataset, arch, seed, t, device, out, tuned)]
-    if arch != "stl" and task is not None:
-        raise CtanError(None, f"--task is for --arch stl only; {arch} trains all tasks of {dataset} together")
+    check_task_option(arch, task, dataset)
 
-    manifest = read_manifest(settings)
-    tasks = resolve_tasks(settings, manifest, only=task)
+    manifest = read_manifest(settings.preprocessed_dir)
+    tasks = dataset_tasks(settings, manifest, only=task)
     cfg = settings.training
     if tuned:
         from ctan.training.tuning import tuned_values
@@ -207,7 +207,7 @@ def train(
         "dataset": dataset,
         "arch": arch,
         "seed": seed,
-        "tasks": [task_to_dict(t) for t in tasks],
+        "tasks": [t.to_dict() for t in tasks],
         "training": cfg,
         "model": settings.model,
         "data_hash": manifest["data_hash"],
@@ -392,7 +392,7 @@ def train(
 
         final = {
             "model_config": model_config,
-            "tasks": [task_to_dict(t) for t in tasks],
+            "tasks": [t.to_dict() for t in tasks],
             "state_dict": best["state_dict"],
             "best_epoch": best["epoch"],
             "config_hash": config_hash,

@@ -22,6 +22,7 @@ import numpy as np
 
 from ctan.config import DatasetSettings, dataset_settings
 from ctan.errors import CtanError
+from ctan.layout import check_task_option, choice_path, per_task
 from ctan.training.selection import gap_closed, selection_metric
 
 KEYS = ("lr",)  # training keys a grid may hold
@@ -34,11 +35,6 @@ def grid(settings: DatasetSettings) -> dict[str, list[Any]]:
 
 def needs_tuning(settings: DatasetSettings) -> bool:
     return any(len(values) > 1 for values in grid(settings).values())
-
-
-def choice_path(settings: DatasetSettings, arch: str, task: str | None = None) -> Path:
-    out = settings.models_dir / arch / "tuning"
-    return (out / task if task else out) / "choice.json"
 
 
 def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) -> dict[str, Any]:
@@ -74,10 +70,9 @@ def tune(
     from ctan.training.trainer import train
 
     settings = dataset_settings(params, dataset).trainable()
-    if arch == "stl" and task is None:
+    if per_task(arch) and task is None:
         return [p for t in settings.tasks for p in tune(params, dataset, arch, t, device)]
-    if arch != "stl" and task is not None:
-        raise CtanError(None, f"--task is for --arch stl only; {arch} tunes all tasks of {dataset} together")
+    check_task_option(arch, task, dataset, "tunes")
     cfg = settings.tuning
     seed = int(cfg.get("seed", 0))
     out = choice_path(settings, arch, task)
@@ -148,6 +143,7 @@ def _write(path: Path, document: dict[str, Any]) -> Path:
 
 
 def _tasks(settings: DatasetSettings, task: str | None):
-    from ctan.training.setup import read_manifest, resolve_tasks
+    from ctan.manifest import read_manifest
+    from ctan.tasks import dataset_tasks
 
-    return resolve_tasks(settings, read_manifest(settings), only=task)
+    return dataset_tasks(settings, read_manifest(settings.preprocessed_dir), only=task)
