@@ -164,7 +164,7 @@ def test_written_prediction_reads_back_through_the_openkbp_reader(tmp_path: Path
     zyx = np.zeros(D.GRID)
     zyx[3, 70, 9] = 12.5  # superior slice 3 -> challenge k = 124
     D.write_dose_csv(tmp_path / "pt_1.csv", zyx)
-    indices, values = openkbp._read_sparse(tmp_path / "pt_1.csv", with_values=True)
+    indices, values = openkbp.read_sparse(tmp_path / "pt_1.csv", with_values=True)
     assert indices.tolist() == [np.ravel_multi_index((70, 9, 124), D.GRID)]
     assert openkbp.our_flat_index(indices).tolist() == [np.ravel_multi_index((3, 70, 9), D.GRID)]
     assert values.tolist() == [12.5]

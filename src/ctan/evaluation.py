@@ -19,13 +19,13 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from ctan.config import dataset_settings
+from ctan.device import pick_device
 from ctan.errors import CtanError
 from ctan.layout import choice_path, model_dir, networks, results_dir
 from ctan.manifest import read_manifest
 from ctan.provenance import code_version, file_sha256
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
-from ctan.training.trainer import pick_device
 
 # Targets whose name marks them as dose targets in bring-your-own cases (DVH: D99, D95, D1).
 TARGET_PREFIXES = ("PTV", "CTV", "GTV")

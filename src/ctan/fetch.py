@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from ctan.config import DatasetSettings
 from ctan.errors import CtanError
-from ctan.provenance import file_sha256
+from ctan.provenance import file_sha256, tree_listing
 
 SOURCE_JSON = "source.json"
 OFFICIAL_SOURCES = {
@@ -74,15 +74,8 @@ _IGNORED = (".snakemake_timestamp",)
 
 
 def hash_tree(folder: Path) -> tuple[str, dict[str, str]]:
-    """(folder digest, {relative path: sha256}); the digest equals `ctan.provenance.tree_sha256`."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in _IGNORED)
-    digest = hashlib.sha256()
-    listing: dict[str, str] = {}
-    for file in tqdm(files, desc="hashing", unit="file", disable=None, leave=False):
-        rel, sha = file.relative_to(folder).as_posix(), file_sha256(file)
-        listing[rel] = sha
-        digest.update(rel.encode() + b"\0" + sha.encode() + b"\n")
-    return digest.hexdigest(), listing
+    """(folder digest, {relative path: sha256}) with a progress bar: `ctan.provenance.tree_listing`."""
+    return tree_listing(folder, _IGNORED, progress=True)
 
 
 def _pin(sha256: str | None) -> str | None:

@@ -41,11 +41,24 @@ def tree_sha256(path: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",))
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
+    return tree_listing(path, ignore)[0]
+
+
+def tree_listing(
+    folder: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",), progress: bool = False
+) -> tuple[str, dict[str, str]]:
+    """(`tree_sha256` of a folder, {relative path: file sha256}): what a download's source.json records."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ignore)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in ignore):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        digest.update(file_sha256(file).encode() + b"\n")
-    return digest.hexdigest()
+    listing: dict[str, str] = {}
+    for file in tqdm(files, desc="hashing", unit="file", disable=None if progress else True, leave=False):
+        rel, sha = file.relative_to(folder).as_posix(), file_sha256(file)
+        listing[rel] = sha
+        digest.update(rel.encode() + b"\0" + sha.encode() + b"\n")
+    return digest.hexdigest(), listing
 
 
 def dvc_md5(path: Path, ignore: tuple[str, ...] = (".snakemake_timestamp",)) -> str:

@@ -201,9 +201,6 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
     return indices, values
 
 
-_read_sparse = read_sparse  # the name ctan.metrics.dose imports
-
-
 def our_flat_index(challenge_index: np.ndarray) -> np.ndarray:
     """Flat challenge indices (i, j, k) -> flat indices of our (z, y, x) volume, z = 127 − k, y = i, x = j.
 

@@ -38,8 +38,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from ctan.datasets.openkbp import GRID, OARS, STRUCTURES, TARGETS, read_spacing, to_challenge_grid
-from ctan.datasets.openkbp import _read_sparse as read_sparse
+from ctan.datasets.openkbp import (
+    GRID,
+    OARS,
+    STRUCTURES,
+    TARGETS,
+    read_spacing,
+    read_sparse,
+    to_challenge_grid,
+)
 from ctan.errors import CtanError
 
 ROIS = STRUCTURES  # Brainstem … Mandible, PTV56, PTV63, PTV70: the challenge's order

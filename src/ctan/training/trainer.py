@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ctan.config import dataset_settings, params_hash
+from ctan.device import pick_device
 from ctan.errors import CtanError
 from ctan.layout import check_task_option, model_dir, per_task
 from ctan.manifest import read_manifest
@@ -30,12 +31,6 @@ from ctan.training import checkpoint
 from ctan.training.losses import task_loss
 from ctan.training.selection import classification_metrics, improves, selection_score
 from ctan.training.weighting import build_weighting
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
