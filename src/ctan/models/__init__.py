@@ -78,9 +78,12 @@ def build_model(
     _check(arch, tasks, in_channels, spatial_dims, width, depth, attention_heads)
     cls, flags = architecture(arch)
     try:  # each architecture checks the settings only it uses (CTAN: heads against channels)
-        return cls.from_settings(tasks, in_channels, spatial_dims, width, depth, attention_heads, **flags)
+        cls.check_settings(width, depth, attention_heads)
     except ValueError as err:
         raise CtanError(None, f"{arch}: {err}") from None
+    if cls.takes_attention_heads:
+        flags["attention_heads"] = attention_heads
+    return cls(tasks, in_channels, spatial_dims, width, depth, **flags)
 
 
 __all__ = ["ARCHITECTURES", "REGISTRY", "architecture", "build_model"]

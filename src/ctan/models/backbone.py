@@ -101,20 +101,11 @@ class MultiTaskNet(nn.Module):
         self.width = width
         self.depth = depth
 
+    takes_attention_heads = False  # whether the constructor takes `attention_heads`
+
     @classmethod
-    def from_settings(
-        cls,
-        tasks: list[Task],
-        in_channels: int,
-        spatial_dims: int,
-        width: int,
-        depth: int,
-        attention_heads: int,
-        **flags: bool,
-    ) -> MultiTaskNet:
-        """Build from the shared model settings; architectures without attention heads ignore them.
-        ValueError names a setting this architecture cannot use."""
-        return cls(tasks, in_channels, spatial_dims, width, depth, **flags)
+    def check_settings(cls, width: int, depth: int, attention_heads: int) -> None:
+        """ValueError naming a setting this architecture cannot use (most use no optional one)."""
 
     @property
     def dense_tasks(self) -> list[Task]:

@@ -132,24 +132,16 @@ class CrossTaskAttentionBottleneck(nn.Module):
 
 
 class CTAN(MultiTaskNet):
+    takes_attention_heads = True
+
     @classmethod
-    def from_settings(
-        cls,
-        tasks: list[Task],
-        in_channels: int,
-        spatial_dims: int,
-        width: int,
-        depth: int,
-        attention_heads: int,
-        **flags: bool,
-    ) -> CTAN:
+    def check_settings(cls, width: int, depth: int, attention_heads: int) -> None:
         bottleneck = stage_channels(width, depth)[-1]
         if bottleneck % attention_heads:
             raise ValueError(
                 f"attention_heads={attention_heads} must divide the {bottleneck} bottleneck channels "
                 "(width * 2**depth)"
             )
-        return cls(tasks, in_channels, spatial_dims, width, depth, attention_heads, **flags)
 
     def __init__(
         self,
