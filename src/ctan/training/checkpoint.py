@@ -11,12 +11,17 @@ so a forced rerun (``snakemake -f``, which deletes the finished ``model.pt``) re
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ctan.errors import CtanError
 from ctan.provenance import file_sha256
@@ -102,3 +107,73 @@ def why_not_resume(state: dict[str, Any], config_hash: str, code: str, epochs: i
     if int(state["epoch"]) >= epochs:
         return f"its run has finished (epoch {int(state['epoch'])} of {epochs}): a rerun retrains"
     return None
+
+
+@dataclass
+class TrainingState:
+    """What an unfinished run is made of: written to ``checkpoint.pt`` after every epoch and read back
+    only by `resume`, so the two sides of a checkpoint's keys live together."""
+
+    model: nn.Module
+    weighting: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # 0: none yet
+    best_score: float = -math.inf
+    best_model: dict[str, torch.Tensor] | None = None
+    run_id: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch (epochs count from 1)."""
+        return len(self.history)
+
+    def add(self, record: dict[str, Any], better: bool) -> None:
+        """Append an epoch's record; keep a copy of the weights when the selection rule prefers it."""
+        self.history.append(record)
+        if self.best_epoch == 0 or better:
+            self.best_epoch, self.best_score = record["epoch"], record["selection_score"]
+            self.best_model = copy.deepcopy(self.model.state_dict())
+
+    def save(self, path: Path, config_hash: str, code: str) -> None:
+        save_atomic(
+            {
+                "config_hash": config_hash,
+                "code_hash": code,
+                "epoch": self.epoch,
+                "model": self.model.state_dict(),
+                "weighting": self.weighting.state_dict(),
+                "weighting_extra": json.dumps(self.weighting.extra_state()),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": json.dumps(self.history),
+                "best_epoch": self.best_epoch,
+                "best_score": self.best_score,
+                "best_model": self.best_model,
+                "run_id": self.run_id,
+            },
+            path,
+        )
+
+    def resume(self, path: Path, config_hash: str, code: str, epochs: int) -> str:
+        """Load ``path`` into this state where `why_not_resume` allows it; says what happened."""
+        if not path.is_file():
+            return ""
+        try:
+            saved = load(path)
+            refusal = why_not_resume(saved, config_hash, code, epochs)
+        except Exception as err:  # unreadable, or written by other code: nothing to resume from
+            refusal = f"unreadable ({type(err).__name__})"
+        if refusal is not None:
+            return f"{path}: {refusal}; starting afresh"
+        self.model.load_state_dict(saved["model"])
+        self.weighting.load_state_dict(saved["weighting"])
+        self.weighting.load_extra_state(json.loads(saved["weighting_extra"]))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.history = json.loads(saved["history"])
+        self.best_epoch, self.best_score = saved["best_epoch"], saved["best_score"]
+        self.best_model = saved["best_model"]
+        self.run_id = saved.get("run_id") or None
+        return f"resuming {path.parent} after epoch {saved['epoch']}"

@@ -7,9 +7,7 @@ metrics (`ctan.training.selection`); the test split is never looked at here.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import random
 import sys
 import time
@@ -180,135 +178,46 @@ def train(
 
     ``tuned``: apply the tuning choice (`ctan.training.tuning`); ``out``: a folder other than the
     model's own (the tuning runs)."""
-    from ctan.loader import CaseDataset
-    from ctan.models import build_model
+    from ctan import tracking
 
     settings = dataset_settings(params, dataset).trainable()
     if per_task(arch) and task is None:
         return [p for t in settings.tasks for p in train(params, dataset, arch, seed, t, device, out, tuned)]
     check_task_option(arch, task, dataset)
-
     manifest = read_manifest(settings.preprocessed_dir)
     tasks = dataset_tasks(settings, manifest, only=task)
-    cfg = settings.training
-    if tuned:
-        from ctan.training.tuning import tuned_values
-
-        cfg = {**cfg, **tuned_values(settings, arch, task)}
+    cfg = training_values(settings, arch, task, tuned)
     out = Path(out) if out is not None else model_dir(settings, arch, seed, task)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    identity = {
-        "dataset": dataset,
-        "arch": arch,
-        "seed": seed,
-        "tasks": [t.to_dict() for t in tasks],
-        "training": cfg,
-        "model": settings.model,
-        "data_hash": manifest["data_hash"],
-    }
-    config_hash = params_hash(identity)
+    identity = {"dataset": dataset, "arch": arch, "seed": seed, "tasks": [t.to_dict() for t in tasks]}
+    config_hash = params_hash(
+        {**identity, "training": cfg, "model": settings.model, "data_hash": manifest["data_hash"]}
+    )
     code_hash = checkpoint.code_hash()
 
     seed_everything(seed)
-    patch = cfg["patch_size"] if manifest["spatial_dims"] == 3 else None
-    train_set = CaseDataset(
-        settings.preprocessed_dir,
-        "train",
-        tasks,
-        patch_size=patch,
-        augment=cfg["augment"],
-        seed=seed,
-        cache_mb=cfg.get("cache_mb", 0),
-    )
-    val_set = CaseDataset(
-        settings.preprocessed_dir,
-        "validation",
-        tasks,
-        patch_size=None,
-        augment=False,
-        seed=seed,
-        cache_mb=cfg.get("cache_mb", 0),
-    )
-    in_channels = int(train_set[0]["image"].shape[0])
-    model_config = {
-        "arch": arch,
-        "in_channels": in_channels,
-        "spatial_dims": int(manifest["spatial_dims"]),
-        "width": settings.model["width"],
-        "depth": settings.model["depth"],
-        "attention_heads": settings.model["attention_heads"],
-    }
+    train_set, val_set = splits(settings, manifest, tasks, cfg, seed)
     seed_everything(seed)
-    model = build_model(
-        arch,
-        tasks,
-        in_channels=in_channels,
-        spatial_dims=model_config["spatial_dims"],
-        width=model_config["width"],
-        depth=model_config["depth"],
-        attention_heads=model_config["attention_heads"],
-    ).to(dev)
-    precision = cfg.get("precision", "auto")
+    model, model_config = model_for(arch, tasks, settings, manifest, int(train_set[0]["image"].shape[0]))
     layout = memory_format(cfg.get("channels_last", False), model_config["spatial_dims"])
-    model = model.to(memory_format=layout)
+    model = model.to(dev).to(memory_format=layout)
+    precision = cfg.get("precision", "auto")
     _check_cpu_bf16(dev, precision)
-    weighting = build_weighting(cfg["weighting"], [t.name for t in tasks], cfg["dwa_temperature"]).to(dev)
-    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg["optimizer"]]
-    optimizer = opt_cls(
-        list(model.parameters()) + list(weighting.parameters()),
-        lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"],
-    )
-    scheduler = torch.optim.lr_scheduler.StepLR(
-        optimizer, step_size=cfg["schedule"]["step_size"], gamma=cfg["schedule"]["gamma"]
-    )
-
-    start_epoch, history = 1, []
-    best = {"epoch": 0, "score": -math.inf, "state_dict": None}
-    run_id = None
+    state = fresh_state(model, tasks, cfg, dev)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.is_file():
-        try:
-            state = checkpoint.load(ckpt_path)
-            refusal = checkpoint.why_not_resume(state, config_hash, code_hash, cfg["epochs"])
-        except Exception as err:  # unreadable, or written by other code: nothing to resume from
-            refusal = f"unreadable ({type(err).__name__})"
-        if refusal is None:
-            model.load_state_dict(state["model"])
-            weighting.load_state_dict(state["weighting"])
-            weighting.load_extra_state(json.loads(state["weighting_extra"]))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            history = json.loads(state["history"])
-            best = {
-                "epoch": state["best_epoch"],
-                "score": state["best_score"],
-                "state_dict": state["best_model"],
-            }
-            start_epoch = state["epoch"] + 1
-            run_id = state.get("run_id") or None
-            print(f"resuming {out} after epoch {state['epoch']}")
-        else:
-            print(f"{ckpt_path}: {refusal}; starting afresh")
+    if said := state.resume(ckpt_path, config_hash, code_hash, cfg["epochs"]):
+        print(said)
 
-    from ctan import tracking
-    from ctan.provenance import code_version
-
-    commit, dirty = code_version()
     label = tracking.run_name(dataset, arch, seed, task, tuning=not tuned)
     tags = {
-        "dataset": dataset,
-        "architecture": arch,
-        "seed": str(seed),
-        "task": task or "all",
-        "git_commit": commit,
-        "git_dirty": str(dirty),
+        **run_tags(dataset, arch, seed, task),
         "data_hash": manifest["data_hash"],
         "config_hash": config_hash,
     }
-    with tracking.training_run(params, label, tags, run_id=run_id) as run:
-        if start_epoch == 1:
+    with tracking.training_run(params, label, tags, run_id=state.run_id) as run:
+        state.run_id = run.info.run_id
+        if state.epoch == 0:
             tracking.log_params(
                 {
                     **{f"training.{k}": v for k, v in cfg.items()},
@@ -316,100 +225,182 @@ def train(
                     "tasks": ",".join(t.name for t in tasks),
                 }
             )
-        epochs = range(start_epoch, cfg["epochs"] + 1)
-        bar = tqdm(epochs, desc=label, initial=start_epoch - 1, total=cfg["epochs"], disable=None)
+        bar = tqdm(
+            range(state.epoch + 1, cfg["epochs"] + 1),
+            desc=label,
+            initial=state.epoch,
+            total=cfg["epochs"],
+            disable=None,
+        )
         for epoch in bar:
-            train_set.set_epoch(epoch)
-            shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loader = DataLoader(
-                train_set,
-                batch_size=cfg["batch_size"],
-                shuffle=True,
-                generator=shuffle,
-                num_workers=cfg["num_workers"],
+            record = train_one_epoch(
+                state, tasks, train_set, val_set, cfg, seed, epoch, dev, precision, layout
             )
-            tr = run_epoch(
-                model, weighting, tasks, loader, dev, optimizer, f"epoch {epoch} train", precision, layout
-            )
-            weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
-            val_loader = DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False)
-            va = run_epoch(
-                model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout
-            )
-            scheduler.step()
-            record = {
-                "epoch": epoch,
-                "train_loss": tr["loss"],
-                "val_loss": va["loss"],
-                "train_metrics": tr["metrics"],
-                "val_metrics": va["metrics"],
-                "weights": weighting.weights(),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": tr["seconds"] + va["seconds"],
-                "step_seconds": tr["seconds"] / tr["steps"],
-                "data_wait_fraction": tr["data_wait_fraction"],
-                "peak_memory_mib": peak_memory_mib(dev),
-            }
-            record["selection_score"] = selection_score(
-                tasks, va["metrics"], history[0]["val_metrics"] if history else va["metrics"]
-            )
-            history.append(record)
-            if best["epoch"] == 0 or improves(record, history[best["epoch"] - 1]):
-                best = {
-                    "epoch": epoch,
-                    "score": record["selection_score"],
-                    "state_dict": copy.deepcopy(model.state_dict()),
-                }
+            best = state.history[state.best_epoch - 1] if state.best_epoch else None
+            state.add(record, better=best is not None and improves(record, best))
             tracking.log_metrics(_flatten_record(record), step=epoch)
             bar.set_postfix(
-                train=f"{tr['loss']['total']:.3f}", val=f"{va['loss']['total']:.3f}", best=best["epoch"]
+                train=f"{record['train_loss']['total']:.3f}",
+                val=f"{record['val_loss']['total']:.3f}",
+                best=state.best_epoch,
             )
             if not sys.stderr.isatty():  # a batch log (Snakemake, SLURM): no progress bar, one line an epoch
-                print(_epoch_line(record, cfg["epochs"], best["epoch"]), file=sys.stderr, flush=True)
-            checkpoint.save_atomic(
-                {
-                    "config_hash": config_hash,
-                    "code_hash": code_hash,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "weighting": weighting.state_dict(),
-                    "weighting_extra": json.dumps(weighting.extra_state()),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": json.dumps(history),
-                    "best_epoch": best["epoch"],
-                    "best_score": best["score"],
-                    "best_model": best["state_dict"],
-                    "run_id": run.info.run_id,
-                },
-                ckpt_path,
-            )
-
-        final = {
-            "model_config": model_config,
-            "tasks": [t.to_dict() for t in tasks],
-            "state_dict": best["state_dict"],
-            "best_epoch": best["epoch"],
-            "config_hash": config_hash,
-            "data_hash": manifest["data_hash"],
-        }
-        checkpoint.save_model(final, out / "model.pt")
-        (out / "history.json").write_text(
-            json.dumps({"epochs": history, "best_epoch": best["epoch"]}, indent=1)
-        )
-        (out / "run.json").write_text(
-            json.dumps({"run_id": run.info.run_id, "tracking_uri": tracking.tracking_uri(params)}, indent=1)
-        )
-        try:
-            from ctan.plots import plot_learning_curves
-
-            plot_learning_curves({"epochs": history, "best_epoch": best["epoch"]}, out / "curves.png")
-            tracking.log_artifact(str(out / "curves.png"))
-        except ImportError:
-            pass
-        tracking.log_metrics({"best_epoch": best["epoch"], "best_selection_score": best["score"]})
-        tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
+                print(_epoch_line(record, cfg["epochs"], state.best_epoch), file=sys.stderr, flush=True)
+            state.save(ckpt_path, config_hash, code_hash)
+        write_model(out, state, model_config, tasks, config_hash, manifest["data_hash"], params)
     return [out]
+
+
+def training_values(settings, arch: str, task: str | None, tuned: bool) -> dict[str, Any]:
+    """The dataset's training settings, with the tuning choice applied where there is one."""
+    if not tuned:
+        return settings.training
+    from ctan.training.tuning import tuned_values
+
+    return {**settings.training, **tuned_values(settings, arch, task)}
+
+
+def splits(settings, manifest: dict[str, Any], tasks: list[Task], cfg: dict[str, Any], seed: int):
+    """The training split (patches and augmentation as configured) and the whole validation split."""
+    from ctan.loader import CaseDataset
+
+    patch = cfg["patch_size"] if manifest["spatial_dims"] == 3 else None
+    cache = cfg.get("cache_mb", 0)
+    store = settings.preprocessed_dir
+    train_set = CaseDataset(
+        store, "train", tasks, patch_size=patch, augment=cfg["augment"], seed=seed, cache_mb=cache
+    )
+    val_set = CaseDataset(
+        store, "validation", tasks, patch_size=None, augment=False, seed=seed, cache_mb=cache
+    )
+    return train_set, val_set
+
+
+def model_for(arch: str, tasks: list[Task], settings, manifest: dict[str, Any], in_channels: int):
+    """The model and the configuration `ctan evaluate` rebuilds it from."""
+    from ctan.models import build_model
+
+    config = {
+        "arch": arch,
+        "in_channels": in_channels,
+        "spatial_dims": int(manifest["spatial_dims"]),
+        **{k: settings.model[k] for k in ("width", "depth", "attention_heads")},
+    }
+    return build_model(tasks=tasks, **config), config
+
+
+def fresh_state(model, tasks: list[Task], cfg: dict[str, Any], dev: torch.device) -> checkpoint.TrainingState:
+    """Model, loss weighting, optimiser and learning-rate schedule at epoch 0."""
+    weighting = build_weighting(cfg["weighting"], [t.name for t in tasks], cfg["dwa_temperature"]).to(dev)
+    opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[cfg["optimizer"]]
+    optimizer = opt_cls(
+        list(model.parameters()) + list(weighting.parameters()),
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+    )
+    schedule = cfg["schedule"]
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=schedule["step_size"], gamma=schedule["gamma"]
+    )
+    return checkpoint.TrainingState(model, weighting, optimizer, scheduler)
+
+
+def run_tags(dataset: str, arch: str, seed: int, task: str | None) -> dict[str, str]:
+    from ctan.provenance import code_version
+
+    commit, dirty = code_version()
+    return {
+        "dataset": dataset,
+        "architecture": arch,
+        "seed": str(seed),
+        "task": task or "all",
+        "git_commit": commit,
+        "git_dirty": str(dirty),
+    }
+
+
+def train_one_epoch(
+    state: checkpoint.TrainingState,
+    tasks: list[Task],
+    train_set,
+    val_set,
+    cfg: dict[str, Any],
+    seed: int,
+    epoch: int,
+    dev: torch.device,
+    precision: str,
+    layout: torch.memory_format,
+) -> dict[str, Any]:
+    """Train one pass (shuffled by seed and epoch alone, so a resumed run sees the same order),
+    validate, step the schedule; the epoch's record for history.json."""
+    model, weighting, optimizer = state.model, state.weighting, state.optimizer
+    train_set.set_epoch(epoch)
+    shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg["batch_size"],
+        shuffle=True,
+        generator=shuffle,
+        num_workers=cfg["num_workers"],
+    )
+    tr = run_epoch(model, weighting, tasks, loader, dev, optimizer, f"epoch {epoch} train", precision, layout)
+    weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
+    val_loader = DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False)
+    va = run_epoch(model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout)
+    state.scheduler.step()
+    first = state.history[0]["val_metrics"] if state.history else va["metrics"]
+    return {
+        "epoch": epoch,
+        "train_loss": tr["loss"],
+        "val_loss": va["loss"],
+        "train_metrics": tr["metrics"],
+        "val_metrics": va["metrics"],
+        "weights": weighting.weights(),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": tr["seconds"] + va["seconds"],
+        "step_seconds": tr["seconds"] / tr["steps"],
+        "data_wait_fraction": tr["data_wait_fraction"],
+        "peak_memory_mib": peak_memory_mib(dev),
+        "selection_score": selection_score(tasks, va["metrics"], first),
+    }
+
+
+def write_model(
+    out: Path,
+    state: checkpoint.TrainingState,
+    model_config: dict[str, Any],
+    tasks: list[Task],
+    config_hash: str,
+    data_hash: str,
+    params: dict[str, Any],
+) -> None:
+    """What later stages read: the kept epoch's weights (model.pt + its SHA-256), history.json,
+    run.json (the MLflow run) and the learning curves, also logged to MLflow."""
+    from ctan import tracking
+
+    final = {
+        "model_config": model_config,
+        "tasks": [t.to_dict() for t in tasks],
+        "state_dict": state.best_model,
+        "best_epoch": state.best_epoch,
+        "config_hash": config_hash,
+        "data_hash": data_hash,
+    }
+    checkpoint.save_model(final, out / "model.pt")
+    history = {"epochs": state.history, "best_epoch": state.best_epoch}
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    (out / "run.json").write_text(
+        json.dumps({"run_id": state.run_id, "tracking_uri": tracking.tracking_uri(params)}, indent=1)
+    )
+    try:
+        from ctan.plots import plot_learning_curves
+
+        plot_learning_curves(history, out / "curves.png")
+        tracking.log_artifact(str(out / "curves.png"))
+    except ImportError:
+        pass
+    tracking.log_metrics({"best_epoch": state.best_epoch, "best_selection_score": state.best_score})
+    tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
 
 
 def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
