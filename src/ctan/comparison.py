@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from ctan.config import dataset_settings, external_sets
 from ctan.errors import CtanError
-from ctan.layout import metrics_path, model_dir, networks
+from ctan.layout import model_dir, networks
 from ctan.metrics.classification import mean_recall, rank_auc
+from ctan.results import read_metrics, test_sets
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
+RESAMPLES = 2000  # bootstrap resamples where params.yaml's `comparison.resamples` is not given
 PAPER_DELTA_MTL = {"ctan": 4.67, "hps": 3.22, "mtan": -5.38}
 
 
@@ -113,7 +114,7 @@ def paired_bootstrap_delta(
     docs: Mapping[tuple[str, int], Mapping[str, Any]],
     arch: str,
     seeds: Sequence[int],
-    resamples: int = 2000,
+    resamples: int = RESAMPLES,
     confidence: float = 0.95,
     rng_seed: int = 0,
     cache: dict[tuple[str, int], list] | None = None,
@@ -272,32 +273,19 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
 
     run = params["run"]
     cfg = params.get("comparison") or {}
-    resamples = int(cfg.get("resamples", 2000))
+    resamples = int(cfg.get("resamples", RESAMPLES))
     confidence = float(cfg.get("confidence", 0.95))
     rng_seed = int(cfg.get("seed", 0))
-    if "stl" not in run["architectures"]:
-        raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
     report: dict[str, Any] = {
         "datasets": {},
         "external": {},
         "paper_delta_mtl": PAPER_DELTA_MTL,
     }
-    evaluated = [(d, None) for d in run["datasets"]]
-    evaluated += [(e, d) for d in run["datasets"] for e in external_sets(params, d)]
-    for dataset, trained_on in evaluated:
-        settings = dataset_settings(params, dataset)  # an external set's results folder and models' tasks
-        seeds = list(settings.seeds)  # datasets.<name>.seeds or run.seeds
-        docs = {}
-        for arch in run["architectures"]:
-            for seed in seeds:
-                path = metrics_path(settings.results_dir, arch, seed)
-                if not path.is_file():
-                    on = f" --on {dataset}" if trained_on else ""
-                    raise CtanError(
-                        path,
-                        f"missing; run `ctan evaluate --dataset {trained_on or dataset} --arch {arch}{on}`",
-                    )
-                docs[arch, seed] = json.loads(path.read_text())
+    for settings, trained_on in test_sets(params):  # an external set: its results folder, its models' tasks
+        dataset, seeds = settings.name, list(settings.seeds)  # datasets.<name>.seeds or run.seeds
+        docs = {
+            key: doc for key, (_, doc) in read_metrics(settings, run["architectures"], trained_on).items()
+        }
         entry: dict[str, Any] = {
             "seeds": seeds,
             "data_hash": dvc_md5(settings.preprocessed_dir),

@@ -19,17 +19,16 @@ recomputes every row from those files with `dataset_rows`, the same code that wr
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctan.config import dataset_settings, external_sets, params_hash
+from ctan.config import params_hash
 from ctan.errors import CtanError
-from ctan.layout import metrics_path
 from ctan.provenance import dvc_md5, file_sha256
+from ctan.results import read_metrics, test_sets
 
 COLUMNS = [
     "row_type",
@@ -63,14 +62,9 @@ COLUMNS = [
 
 
 def summarize(params: dict[str, Any], output: Path) -> Path:
-    run = params["run"]
-    if "stl" not in run["architectures"]:
-        raise CtanError(None, "run.architectures must include stl: every comparison is relative to it")
+    archs = list(params["run"]["architectures"])
     rows: list[dict[str, Any]] = []
-    evaluated = [(d, None) for d in run["datasets"]]
-    evaluated += [(e, d) for d in run["datasets"] for e in external_sets(params, d)]
-    for dataset, trained_on in evaluated:
-        settings = dataset_settings(params, dataset)
+    for settings, trained_on in test_sets(params):
         where = {
             "data_hash": dvc_md5(settings.preprocessed_dir),
             "data_path": str(settings.preprocessed_dir),
@@ -80,19 +74,8 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
                 {"data": settings.data_section, "training": settings.training, "model": settings.model}
             ),
         }
-        docs = {}
-        for arch in run["architectures"]:
-            for seed in settings.seeds:
-                path = metrics_path(settings.results_dir, arch, seed)
-                if not path.is_file():
-                    on = f" --on {dataset}" if trained_on else ""
-                    raise CtanError(
-                        path,
-                        f"missing; run `ctan evaluate --dataset {trained_on or dataset} --arch {arch} "
-                        f"--seed {seed}{on}`",
-                    )
-                docs[arch, seed] = path, json.loads(path.read_text())
-        rows += dataset_rows(dataset, run["architectures"], list(settings.seeds), docs, where)
+        docs = read_metrics(settings, archs, trained_on)
+        rows += dataset_rows(settings.name, archs, list(settings.seeds), docs, where)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
     with open(tmp, "w", newline="") as fh:
