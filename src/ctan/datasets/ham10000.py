@@ -30,7 +30,7 @@ from skimage.transform import resize
 from ctan.datasets.base import Case, CaseRef
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import Task, label_task
 
 FORMAT = "ham10000"
 SPATIAL_DIMS = 2
@@ -55,15 +55,7 @@ TASKS: dict[str, Task] = {
         metrics=("dice", "jaccard_thresholded"),
         primary_metrics=("dice", "jaccard_thresholded"),
     ),
-    "diagnosis": Task(
-        name="diagnosis",
-        kind="classification",
-        target="diagnosis",
-        classes=len(CLASS_NAMES),
-        class_names=CLASS_NAMES,
-        metrics=("balanced_accuracy", "auc_macro"),
-        primary_metrics=("balanced_accuracy", "auc_macro"),
-    ),
+    "diagnosis": label_task("diagnosis", CLASS_NAMES, ("balanced_accuracy", "auc_macro")),
 }
 
 

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from ctan.datasets.base import Case, CaseRef
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import Task, label_task
 
 FORMAT = "stoic"
 SPATIAL_DIMS = 3
@@ -42,24 +42,8 @@ MHA_FOLDER = "data/mha"
 SPLIT_FILE = "split.csv"
 
 TASKS: dict[str, Task] = {
-    "covid": Task(
-        name="covid",
-        kind="classification",
-        target="covid",
-        classes=2,
-        class_names=("negative", "positive"),
-        metrics=("auc",),
-        primary_metrics=("auc",),
-    ),
-    "severity": Task(
-        name="severity",
-        kind="classification",
-        target="severity",
-        classes=2,
-        class_names=("not severe", "severe"),
-        metrics=("auc_covid_positive",),
-        primary_metrics=("auc_covid_positive",),
-    ),
+    "covid": label_task("covid", ("negative", "positive"), ("auc",)),
+    "severity": label_task("severity", ("not severe", "severe"), ("auc_covid_positive",)),
 }
 
 
