@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from ctan.comparison import aggregate, metrics_on, paired_bootstrap_delta, render_markdown, scored_cases
+from ctan.comparison import (
+    _table_head,
+    aggregate,
+    metrics_on,
+    paired_bootstrap_delta,
+    render_markdown,
+    scored_cases,
+)
 from ctan.errors import CtanError
 
 CASES = [f"case_{i:03d}" for i in range(30)]
@@ -184,6 +191,13 @@ def test_the_markdown_names_every_architecture_and_the_paper(run):
     assert "### toy" in text and "| better | +5.00 ± 0.00 | [+5.00, +5.00]" in text
     assert "`r1`" in text and "abc.dir" in text
     json.dumps(report)  # everything in the report is plain JSON
+
+
+def test_a_table_rule_has_its_headers_width():
+    assert _table_head("architecture", "Δ_MTL (%) here", "paper") == [
+        "| architecture | Δ_MTL (%) here | paper |",
+        "|---|---|---|",
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")

@@ -5,6 +5,7 @@ Also covers the format registry (`get_reader`, `find_root`).
 
 from __future__ import annotations
 
+import dataclasses
 import tarfile
 from pathlib import Path
 
@@ -308,6 +309,20 @@ def test_every_reader_offers_the_contract() -> None:
             assert callable(getattr(reader, function))
     with pytest.raises(CtanError, match="unknown dataset format"):
         get_reader("dicom")
+
+
+def test_shared_tasks_differ_only_in_their_names() -> None:
+    """Contouring is one task in both radiotherapy formats; labels are stored under their task's name."""
+    structures = get_reader("openkbp").TASKS["structures"]
+    assert structures.channels == len(structures.class_names) == 10
+    assert structures.metrics == ("dice", "hd95") and structures.primary_metrics == ("dice",)
+    byo = get_reader("nifti_cases").TASKS["structures"]
+    assert byo == dataclasses.replace(structures, channels=0, class_names=())
+    for name in ("ham10000", "stoic"):
+        for task in get_reader(name).TASKS.values():
+            if task.kind == "classification":
+                assert task.target == task.name and task.classes == len(task.class_names)
+                assert task.primary_metrics == task.metrics
 
 
 def test_find_root_finds_one_marker_below_the_download(tmp_path: Path) -> None:

@@ -375,6 +375,11 @@ def _ci(low: float, high: float) -> str:
     return f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else "n/a"
 
 
+def _table_head(*columns: str) -> list[str]:
+    """A Markdown table's header and rule; built together, the rule always has the header's width."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
@@ -398,8 +403,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             + (f"; source SHA-256 `{entry['source_sha256']}`" if entry.get("source_sha256") else "")
             + ".",
             "",
-            "| task | metric | " + " | ".join(archs) + " |",
-            "|---|---|" + "---|" * len(archs),
+            *_table_head("task", "metric", *archs),
         ]
         stl = entry["metrics"]["stl"]
         primary = entry.get("primary_metrics", {})
@@ -419,9 +423,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 lines.append(f"| {task} | {metric} {arrow} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "| architecture | Δ_MTL (%) | 95 % CI (seeds + cases) | CI (cases only) | detectable | per seed "
-            "| paper (4-dataset mean) |",
-            "|---|---|---|---|---|---|---|",
+            *_table_head(
+                "architecture",
+                "Δ_MTL (%)",
+                "95 % CI (seeds + cases)",
+                "CI (cases only)",
+                "detectable",
+                "per seed",
+                "paper (4-dataset mean)",
+            ),
         ]
         for arch, d in entry["delta_mtl"].items():
             ci = _ci(d["ci_low"], d["ci_high"])
@@ -440,8 +450,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if entry.get("paired_differences"):
             lines += [
                 "",
-                "| paired difference | Δ_MTL difference (%) | 95 % CI (seeds + cases) | detectable |",
-                "|---|---|---|---|",
+                *_table_head(
+                    "paired difference", "Δ_MTL difference (%)", "95 % CI (seeds + cases)", "detectable"
+                ),
             ]
             for name, d in entry["paired_differences"].items():
                 detectable = d["detectable_pct"]
@@ -451,9 +462,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if entry["cost"]:  # an external test set's models are its training set's: no cost of its own
             lines += [
                 "",
-                "| architecture | epochs | training (min, all seeds' mean) | step (s, median) "
-                "| data wait (%) | peak memory (MiB) |",
-                "|---|---|---|---|---|---|",
+                *_table_head(
+                    "architecture",
+                    "epochs",
+                    "training (min, all seeds' mean)",
+                    "step (s, median)",
+                    "data wait (%)",
+                    "peak memory (MiB)",
+                ),
             ]
         for arch, c in entry["cost"].items():
             lines.append(
@@ -463,13 +479,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         if entry.get("hyperparameters"):
             lines += [
                 "",
-                "| architecture | hyperparameters (per network; tuned: @ validation score) |",
-                "|---|---|",
+                *_table_head("architecture", "hyperparameters (per network; tuned: @ validation score)"),
             ]
             for arch, by_seed in entry["hyperparameters"].items():
                 lines.append(f"| {arch} | {'; '.join(sorted(set(by_seed.values()))) or '—'} |")
         lines += ["", "<details><summary>MLflow run ids and code versions</summary>", ""]
-        lines += ["| architecture | seed | git commit | MLflow run id(s) |", "|---|---|---|---|"]
+        lines += _table_head("architecture", "seed", "git commit", "MLflow run id(s)")
         for arch, by_seed in entry["provenance"].items():
             for seed, p in by_seed.items():
                 runs = ", ".join(f"{k}: `{v}`" for k, v in sorted(p["mlflow_run_ids"].items()))
@@ -483,8 +498,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             "Δ_MTL (%) of the same models on their training dataset's test split and on each external test "
             "set, with the 95 % interval (seeds + cases).",
             "",
-            "| trained on | tested on | cases | " + " | ".join(report["mean_delta_mtl"]) + " |",
-            "|---|---|---|" + "---|" * len(report["mean_delta_mtl"]),
+            *_table_head("trained on", "tested on", "cases", *report["mean_delta_mtl"]),
         ]
         for dataset, entry in report["datasets"].items():
             tested = [(dataset + " (internal)", entry)] + [
@@ -497,7 +511,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 ]
                 lines.append(f"| {dataset} | {name} | {e['test_cases']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### Mean over datasets", "", "| architecture | Δ_MTL (%) here | paper |", "|---|---|---|"]
+    lines += ["### Mean over datasets", "", *_table_head("architecture", "Δ_MTL (%) here", "paper")]
     for arch, value in report["mean_delta_mtl"].items():
         paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
         lines.append(f"| {arch} | {value:+.2f} | {paper_text} |")

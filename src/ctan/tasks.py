@@ -133,3 +133,37 @@ DOSE = Task(
     primary_metrics=("dose_score", "dvh_score"),
     output_scale=10.0,  # Gy
 )
+
+
+def structures_task(names: tuple[str, ...] = ()) -> Task:
+    """Contouring is, like dose, the same task wherever it appears; only the structure names differ.
+
+    Bring-your-own cases know their names only from the data (``()`` here; `dataset_tasks` sets the
+    count). HD95 is reported but not primary: it is unbounded (see `Task.primary_metrics`).
+    """
+    return Task(
+        name="structures",
+        kind="segmentation",
+        target="structures",
+        channels=len(names),
+        multilabel=True,
+        class_names=names,
+        metrics=("dice", "hd95"),
+        primary_metrics=("dice",),
+    )
+
+
+def label_task(name: str, class_names: tuple[str, ...], metrics: tuple[str, ...]) -> Task:
+    """An image-level label stored under the task's own name, one class per name.
+
+    Every classification metric is bounded (AUCs, balanced accuracy), so all of them are primary.
+    """
+    return Task(
+        name=name,
+        kind="classification",
+        target=name,
+        classes=len(class_names),
+        class_names=class_names,
+        metrics=metrics,
+        primary_metrics=metrics,
+    )

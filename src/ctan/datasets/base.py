@@ -9,17 +9,26 @@ A dataset module (``openkbp``, ``ham10000``, ``stoic``, ``nifti_cases``) defines
   raising `CtanError` for an empty or malformed dataset;
 - ``read_case(root: Path, ref: CaseRef) -> Case`` – one case in physical units.
 
-``root`` is the extracted raw dataset folder (what ``ctan download`` produced).
+``root`` is the extracted raw dataset folder (what ``ctan download`` produced). The readers share
+`read_table` and `cached_per_file` for their CSV label tables, so a bad table reads the same in each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache, wraps
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
+import pandas as pd
+
+from ctan.errors import CtanError
 
 SPLITS = ("train", "validation", "test")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,3 +68,32 @@ class Case:
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         return tuple(self.image.shape[1:])
+
+
+def read_table(path: Path, columns: tuple[str, ...], hint: str = "", **read_csv: Any) -> pd.DataFrame:
+    """A CSV that must hold ``columns``, or a `CtanError` naming the file instead of a pandas traceback."""
+    try:
+        table = pd.read_csv(path, **read_csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise CtanError(path, f"not a readable CSV: {err}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise CtanError(path, f"missing column(s) {', '.join(missing)}{hint}")
+    return table
+
+
+def cached_per_file(read: Callable[[Path], T]) -> Callable[[Path], T]:
+    """``read`` of a file, kept until the file changes (mtime or size): readers look one row up per case."""
+
+    @lru_cache(maxsize=4)
+    def by_version(path: str, mtime_ns: int, size: int) -> T:
+        return read(Path(path))
+
+    @wraps(read)
+    def cached(path: Path) -> T:
+        if not path.is_file():
+            raise CtanError(path, "missing")
+        stat = path.stat()
+        return by_version(str(path), stat.st_mtime_ns, stat.st_size)
+
+    return cached

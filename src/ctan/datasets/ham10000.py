@@ -19,7 +19,6 @@ parameters ``{validation, test, seed}`` and stratified by diagnosis where the co
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,10 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from skimage.transform import resize
 
-from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.base import Case, CaseRef, cached_per_file, read_table
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import Task, label_task
 
 FORMAT = "ham10000"
 SPATIAL_DIMS = 2
@@ -55,15 +54,7 @@ TASKS: dict[str, Task] = {
         metrics=("dice", "jaccard_thresholded"),
         primary_metrics=("dice", "jaccard_thresholded"),
     ),
-    "diagnosis": Task(
-        name="diagnosis",
-        kind="classification",
-        target="diagnosis",
-        classes=len(CLASS_NAMES),
-        class_names=CLASS_NAMES,
-        metrics=("balanced_accuracy", "auc_macro"),
-        primary_metrics=("balanced_accuracy", "auc_macro"),
-    ),
+    "diagnosis": label_task("diagnosis", CLASS_NAMES, ("balanced_accuracy", "auc_macro")),
 }
 
 
@@ -77,43 +68,32 @@ def class_names(root: Path | None = None) -> list[str]:
     return list(CLASS_NAMES)
 
 
-@lru_cache(maxsize=4)
-def _metadata_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
-    path_ = Path(path)
-    try:
-        table = pd.read_csv(path_, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        raise CtanError(path_, f"not a readable CSV: {err}") from None
-    missing = [c for c in METADATA_COLUMNS if c not in table.columns]
-    if missing:
-        raise CtanError(path_, f"missing column(s) {', '.join(missing)}")
+@cached_per_file
+def _metadata(path: Path) -> pd.DataFrame:
+    table = read_table(path, METADATA_COLUMNS, dtype=str, keep_default_na=False)
     table = table[list(METADATA_COLUMNS)].apply(lambda c: c.str.strip())
     if table.empty:
-        raise CtanError(path_, "lists no images")
+        raise CtanError(path, "lists no images")
     if (table == "").any().any():
         row = int(np.flatnonzero((table == "").any(axis=1))[0])
-        raise CtanError(path_, f"row {row + 2} has an empty lesion_id, image_id or dx")
+        raise CtanError(path, f"row {row + 2} has an empty lesion_id, image_id or dx")
     unknown = sorted(set(table["dx"]) - set(CLASS_NAMES))
     if unknown:
         raise CtanError(
-            path_, f"unknown dx {', '.join(map(repr, unknown))}; expected one of {', '.join(CLASS_NAMES)}"
+            path, f"unknown dx {', '.join(map(repr, unknown))}; expected one of {', '.join(CLASS_NAMES)}"
         )
     duplicated = table["image_id"][table["image_id"].duplicated()]
     if len(duplicated):
-        raise CtanError(path_, f"image_id {duplicated.iloc[0]} is listed twice")
+        raise CtanError(path, f"image_id {duplicated.iloc[0]} is listed twice")
     mixed = table.groupby("lesion_id")["dx"].nunique()
     if (mixed > 1).any():
-        raise CtanError(path_, f"lesion {mixed[mixed > 1].index[0]} has two different diagnoses")
+        raise CtanError(path, f"lesion {mixed[mixed > 1].index[0]} has two different diagnoses")
     return table.set_index("image_id")
 
 
 def read_metadata(root: Path) -> pd.DataFrame:
     """The checked metadata, indexed by image_id (cached: read_case needs one row per call)."""
-    path = Path(root) / MARKER
-    if not path.is_file():
-        raise CtanError(path, "missing")
-    stat = path.stat()
-    return _metadata_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    return _metadata(Path(root) / MARKER)
 
 
 def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:

@@ -36,7 +36,7 @@ import numpy as np
 from ctan.datasets.base import Case, CaseRef
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import DOSE, Task
+from ctan.tasks import DOSE, Task, structures_task
 
 FORMAT = "nifti_cases"
 SPATIAL_DIMS = 3
@@ -54,15 +54,7 @@ NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 TASKS: dict[str, Task] = {
     "dose": DOSE,
     # channels and class_names are set from structure_names(root) once the data is known.
-    "structures": Task(
-        name="structures",
-        kind="segmentation",
-        target="structures",
-        channels=0,
-        multilabel=True,
-        metrics=("dice", "hd95"),
-        primary_metrics=("dice",),
-    ),
+    "structures": structures_task(),
 }
 
 

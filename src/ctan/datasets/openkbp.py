@@ -41,7 +41,7 @@ import pandas as pd
 
 from ctan.datasets.base import Case, CaseRef
 from ctan.errors import CtanError
-from ctan.tasks import DOSE, Task
+from ctan.tasks import DOSE, Task, structures_task
 
 FORMAT = "openkbp"
 SPATIAL_DIMS = 3
@@ -73,16 +73,7 @@ SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
 
 TASKS: dict[str, Task] = {
     "dose": DOSE,
-    "structures": Task(
-        name="structures",
-        kind="segmentation",
-        target="structures",
-        channels=len(STRUCTURES),
-        multilabel=True,
-        class_names=STRUCTURES,
-        metrics=("dice", "hd95"),
-        primary_metrics=("dice",),
-    ),
+    "structures": structures_task(STRUCTURES),
 }
 
 _PATIENT = re.compile(r"pt_(\d+)")

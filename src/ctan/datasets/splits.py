@@ -12,9 +12,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from ctan.datasets.base import SPLITS
+from ctan.datasets.base import SPLITS, read_table
 from ctan.errors import CtanError
 
 DEFAULT_SPLIT: dict[str, Any] = {"validation": 0.15, "test": 0.2, "seed": 0}
@@ -80,13 +78,8 @@ def assign_splits(
 
 def read_split_file(path: Path, id_column: str, known_ids: Sequence[str]) -> dict[str, str]:
     """{id: split} from a user's ``split.csv``; every known id must be listed exactly once."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        raise CtanError(path, f"not a readable CSV: {err}") from None
-    missing = {id_column, "split"} - set(table.columns)
-    if missing:
-        raise CtanError(path, f"missing column(s) {', '.join(sorted(missing))}; expected {id_column},split")
+    columns = tuple(sorted({id_column, "split"}))
+    table = read_table(path, columns, f"; expected {id_column},split", dtype=str, keep_default_na=False)
     ids = table[id_column].str.strip()
     splits = table["split"].str.strip()
     bad = sorted(set(splits) - set(SPLITS))

@@ -19,17 +19,16 @@ parameters, stratified by (covid, severity).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.base import Case, CaseRef, cached_per_file, read_table
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
-from ctan.tasks import Task
+from ctan.tasks import Task, label_task
 
 FORMAT = "stoic"
 SPATIAL_DIMS = 3
@@ -42,24 +41,8 @@ MHA_FOLDER = "data/mha"
 SPLIT_FILE = "split.csv"
 
 TASKS: dict[str, Task] = {
-    "covid": Task(
-        name="covid",
-        kind="classification",
-        target="covid",
-        classes=2,
-        class_names=("negative", "positive"),
-        metrics=("auc",),
-        primary_metrics=("auc",),
-    ),
-    "severity": Task(
-        name="severity",
-        kind="classification",
-        target="severity",
-        classes=2,
-        class_names=("not severe", "severe"),
-        metrics=("auc_covid_positive",),
-        primary_metrics=("auc_covid_positive",),
-    ),
+    "covid": label_task("covid", ("negative", "positive"), ("auc",)),
+    "severity": label_task("severity", ("not severe", "severe"), ("auc_covid_positive",)),
 }
 
 
@@ -73,42 +56,31 @@ def class_names(root: Path | None = None) -> list[str]:
     return []
 
 
-@lru_cache(maxsize=4)
-def _reference_cached(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
-    path_ = Path(path)
-    try:
-        table = pd.read_csv(path_, dtype={"PatientID": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        raise CtanError(path_, f"not a readable CSV: {err}") from None
-    missing = [c for c in REFERENCE_COLUMNS if c not in table.columns]
-    if missing:
-        raise CtanError(path_, f"missing column(s) {', '.join(missing)}")
+@cached_per_file
+def _reference(path: Path) -> pd.DataFrame:
+    table = read_table(path, REFERENCE_COLUMNS, dtype={"PatientID": str})
     if table.empty:
-        raise CtanError(path_, "lists no patients")
+        raise CtanError(path, "lists no patients")
     table["PatientID"] = table["PatientID"].str.strip()
     if (table["PatientID"].fillna("") == "").any():
-        raise CtanError(path_, "a row has no PatientID")
+        raise CtanError(path, "a row has no PatientID")
     duplicated = table["PatientID"][table["PatientID"].duplicated()]
     if len(duplicated):
-        raise CtanError(path_, f"PatientID {duplicated.iloc[0]} is listed twice")
+        raise CtanError(path, f"PatientID {duplicated.iloc[0]} is listed twice")
     for column in ("probCOVID", "probSevere"):
         values = pd.to_numeric(table[column], errors="coerce")
         bad = ~values.isin([0, 1])
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             value, patient = table[column].iloc[row], table["PatientID"].iloc[row]
-            raise CtanError(path_, f"{column} must be 0 or 1, found {value!r} for patient {patient}")
+            raise CtanError(path, f"{column} must be 0 or 1, found {value!r} for patient {patient}")
         table[column] = values.astype(int)
     return table.set_index("PatientID")
 
 
 def read_reference(root: Path) -> pd.DataFrame:
     """The checked label table, indexed by PatientID (a string, as in the file names)."""
-    path = Path(root) / MARKER
-    if not path.is_file():
-        raise CtanError(path, "missing")
-    stat = path.stat()
-    return _reference_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    return _reference(Path(root) / MARKER)
 
 
 def mha_path(root: Path, patient_id: str) -> Path:

@@ -21,7 +21,8 @@ directed set; the larger of the two.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
@@ -66,6 +67,23 @@ def _present(count: int, present: Sequence[bool] | None) -> list[bool]:
     return [bool(p) for p in present]
 
 
+def _per_structure(
+    score: Callable[[np.ndarray, np.ndarray], float],
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    present: Sequence[bool] | None,
+    names: Sequence[str] | None,
+) -> dict[str, float]:
+    """``score`` per channel, NaN where a structure was not contoured: absent is not empty, so not 0."""
+    reference, prediction = _pair(reference, prediction)
+    labels = _structure_names(reference.shape[0], names)
+    flags = _present(reference.shape[0], present)
+    return {
+        label: score(reference[i], prediction[i]) if flags[i] else float("nan")
+        for i, label in enumerate(labels)
+    }
+
+
 def dice_per_structure(
     reference: np.ndarray,
     prediction: np.ndarray,
@@ -73,13 +91,7 @@ def dice_per_structure(
     names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Dice of each channel of ``(S, *spatial)`` masks; NaN for structures not contoured (``present``)."""
-    reference, prediction = _pair(reference, prediction)
-    labels = _structure_names(reference.shape[0], names)
-    flags = _present(reference.shape[0], present)
-    return {
-        label: dice(reference[i], prediction[i]) if flags[i] else float("nan")
-        for i, label in enumerate(labels)
-    }
+    return _per_structure(dice, reference, prediction, present, names)
 
 
 def nanmean(values: Iterable[float]) -> float:
@@ -125,13 +137,7 @@ def hd95_per_structure(
     names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """HD95 of each channel of ``(S, *spatial)`` masks; NaN for structures not contoured."""
-    reference, prediction = _pair(reference, prediction)
-    labels = _structure_names(reference.shape[0], names)
-    flags = _present(reference.shape[0], present)
-    return {
-        label: hd95(reference[i], prediction[i], spacing) if flags[i] else float("nan")
-        for i, label in enumerate(labels)
-    }
+    return _per_structure(partial(hd95, spacing=spacing), reference, prediction, present, names)
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
