@@ -298,6 +298,14 @@ def test_openkbp_subset_equals_csv_voxel_for_voxel(openkbp_subset, tmp_path, cap
         ("test", "pt_242"),
     ]
     assert manifest["source_sha256"] == sha and manifest["structure_names"] == OPENKBP_STRUCTURES
+    # plan.json: what was done, from what (OpenKBP's 128³ grid, 3.9 x 3.9 x ~2.5 mm voxels, kept as is).
+    plan = json.loads((pre / "plan.json").read_text())
+    fp = plan["source_fingerprint"]
+    assert fp["cases"] == 4 and fp["shape"]["median"] == [128, 128, 128]
+    assert fp["spacing_mm"]["min"][1] == pytest.approx(3.906, abs=0.01)
+    assert plan["target_grid"] == {"spacing_mm": None, "shape": None}
+    assert plan["intensity"] == {"ct_window": [-1000.0, 1500.0]} and plan["spatial_dims"] == 3
+    assert "trilinear" in plan["resampling"]["image"] and "nearest" in plan["resampling"]["masks"]
     ct = "open-kbp-sample/provided-data/train-pats/pt_3/ct.csv"
     assert manifest["cases"][1]["sources"][ct] == file_sha256(raw / ct)
     assert verify_stores(pre) == []
@@ -412,6 +420,10 @@ def test_ham10000_sample_small_pictures_big_masks(shared_data, tmp_path):
     ctan_ok("download", *args, "ham")
     ctan_ok("preprocess", *args, "ham")
     check_ham_alignment(tmp_path / "preprocessed" / "ham", subset)
+    plan = json.loads((tmp_path / "preprocessed" / "ham" / "plan.json").read_text())
+    assert plan["source_fingerprint"]["cases"] == 60 and plan["spatial_dims"] == 2
+    assert plan["source_fingerprint"]["shape"]["median"] == [150, 200]  # the pictures, not the masks
+    assert plan["intensity"] == {"scale": 255} and plan["training_patch_size"] is None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Reads ``settings.raw_dir`` (what `ctan download` produced) with the dataset's reader, resamples each
 case (`ctan.preprocess.resample`), writes ``train.zarr``, ``validation.zarr`` and ``test.zarr``
-(`ctan.store`) and ``manifest.json`` (`ctan.manifest`) into a hidden folder beside
-``settings.preprocessed_dir``, and moves it into place only when everything succeeded: a bad case
-leaves nothing behind. CT stays in HU; the loader normalises intensities (`ctan.preprocess.intensity`).
+(`ctan.store`), ``manifest.json`` (`ctan.manifest`) and ``plan.json`` (`ctan.preprocess.plan`: what
+was done, from what) into a hidden folder beside ``settings.preprocessed_dir``, and moves it into place
+only when everything succeeded: a bad case leaves nothing behind. CT stays in HU; the loader normalises intensities (`ctan.preprocess.intensity`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ctan.config import DatasetSettings, params_hash
 from ctan.datasets.base import SPLITS, Case, CaseRef
 from ctan.errors import CtanError
 from ctan.manifest import MANIFEST, build_manifest, case_entry, write_manifest
+from ctan.preprocess.plan import build_plan, fingerprint, write_plan
 from ctan.preprocess.resample import resample_case
 from ctan.provenance import file_sha256
 
@@ -242,6 +243,8 @@ def preprocess_dataset(
     data = work / "data"
     entries: list[dict[str, Any]] = []
     channels: set[int] = set()
+    source_spacings: list[list[float]] = []
+    source_shapes: list[list[int]] = []
     total = sum(len(r) for r in by_split.values())
     try:
         data.mkdir()
@@ -265,6 +268,8 @@ def preprocess_dataset(
                     case = _read(reader, root, ref)
                     case.split = split  # an external test set's cases are test cases, whatever their folder
                     channels.add(int(case.image.shape[0]))
+                    source_spacings.append([float(s) for s in case.spacing])
+                    source_shapes.append([int(n) for n in case.image.shape[1:]])
                     check_case(case, spatial_dims, root, spatial_dims == 3 or shape is None, names)
                     hashes = write_case(store, resample_case(case, spacing, shape), extra=source_attrs(case))
                     entries.append(case_entry(ref.case_id, split, source_hashes(case, raw_dir), hashes))
@@ -284,6 +289,20 @@ def preprocess_dataset(
             external_of=settings.external_of,
         )
         write_manifest(data, manifest)
+        write_plan(
+            data,
+            build_plan(
+                dataset=settings.name,
+                format=settings.format,
+                spatial_dims=spatial_dims,
+                source=fingerprint(source_spacings, source_shapes),
+                spacing=spacing,
+                shape=shape,
+                intensity=intensity,
+                patch_size=settings.training.get("patch_size") if spatial_dims == 3 else None,
+                external_of=settings.external_of,
+            ),
+        )
         if out.exists():
             os.replace(out, work / "replaced")
         os.replace(data, out)
