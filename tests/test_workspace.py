@@ -66,6 +66,8 @@ def test_cli_refuses_such_a_name_before_writing_anything(tmp_path, capsys, name)
     assert "not a plain identifier" in _one_error_line(capsys)
     assert main(["train", *params, "--dataset", name, "--arch", "hps", "--seed", "0"]) == 2
     assert "not a plain identifier" in _one_error_line(capsys)
+    assert main(["tune", *params, "--dataset", name, "--arch", "hps"]) == 2
+    assert "not a plain identifier" in _one_error_line(capsys)
     assert _files(tmp_path) == before
 
 
@@ -74,6 +76,8 @@ def test_cli_refuses_a_task_that_is_not_a_plain_name(tmp_path, capsys):
     params = ["--params", str(REPO / "params.yaml"), "--params", str(override)]
     args = ["train", *params, "--dataset", "ham10000_demo", "--arch", "stl", "--seed", "0", "--task", "../x"]
     assert main(args) == 2
+    assert "task name '../x'" in _one_error_line(capsys)
+    assert main(["tune", *params, "--dataset", "ham10000_demo", "--arch", "stl", "--task", "../x"]) == 2
     assert "task name '../x'" in _one_error_line(capsys)
     assert not (tmp_path / "ws").exists()
 

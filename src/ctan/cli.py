@@ -165,7 +165,8 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
+def _add_run_ids(p: argparse.ArgumentParser, task: bool = False, seed: bool = True) -> None:
+    """--dataset, --arch, [--seed], [--task], --device, --threads: names checked before any work."""
     p.add_argument(
         "--dataset",
         required=True,
@@ -173,10 +174,11 @@ def _add_run_ids(p: argparse.ArgumentParser, task: bool = False) -> None:
         help="dataset name, a key under `datasets:` in params.yaml",
     )
     p.add_argument("--arch", required=True, choices=ARCHITECTURES, help="architecture")
-    p.add_argument("--seed", required=True, type=_seed, help="random seed (an integer >= 0)")
+    if seed:
+        p.add_argument("--seed", required=True, type=_seed, help="random seed (an integer >= 0)")
     if task:
         p.add_argument(
-            "--task", type=_name("task"), help="for --arch stl: the single task to train (one job per task)"
+            "--task", type=_name("task"), help="for --arch stl: the single task's network (one job per task)"
         )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument(
@@ -258,11 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "STL tunes each task's network separately. The test split is never read.",
     )
     _add_params(p)
-    p.add_argument("--dataset", required=True, help="dataset name, a key under `datasets:` in params.yaml")
-    p.add_argument("--arch", required=True, choices=ARCHITECTURES, help="architecture")
-    p.add_argument("--task", help="for --arch stl: the single task to tune (one job per task)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    _add_run_ids(p, task=True, seed=False)  # the seed is `tuning.seed`
 
     p = add(
         "evaluate",
