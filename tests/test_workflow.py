@@ -399,8 +399,19 @@ def test_real_sample_configuration_plans_every_architecture_and_seed(copy: Path)
     assert jobs["train_mtl"] == 5 * n_runs
     assert jobs["evaluate"] + jobs["evaluate_dose"] == 6 * n_runs
     assert jobs["evaluate_dose"] == 6 * len(seeds["openkbp_sample"])
-    # The learning-rate grid is tuned once per network (not per seed), before the final training jobs.
+    # The learning-rate grid is tuned once per network (not per seed), before the final training jobs:
+    # every final job reads its network's choice, and the plan lists all tuning before any training.
     assert jobs["tune_stl"] == 2 * n_datasets and jobs["tune_mtl"] == 5 * n_datasets
+    inputs = _rule_inputs(out.stdout)
+    for d in real["run"]["datasets"]:
+        for arch in real["run"]["architectures"]:
+            if arch == "stl":
+                for task in real["datasets"][d]["tasks"]:
+                    assert f"models/{d}/stl/tuning/{task}/choice.json" in inputs["train_stl"]
+            else:
+                assert f"models/{d}/{arch}/tuning/choice.json" in inputs["train_mtl"]
+    order = re.findall(r"^rule (tune|train)_\w+:", out.stdout, flags=re.M)
+    assert order and order.index("train") > len(order) - order[::-1].index("tune") - 1
 
 
 def _external_override(copy: Path, patients: Path) -> str:
