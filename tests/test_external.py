@@ -154,7 +154,7 @@ def test_external_cases_are_all_test_cases_preprocessed_with_the_training_plan(t
     assert manifest["plan"] == {"dataset": name, **params["datasets"][name]["preprocess"]}
     assert manifest["tasks"] == list(training.tasks)
     assert {c["split"] for c in manifest["cases"]} == {"test"} and len(manifest["cases"]) >= 3
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.zarr"]  # nothing to train on
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "plan.json", "test.zarr"]  # no train split
     with pytest.raises(CtanError, match="pass the settings of"):
         preprocess_dataset(external, force=True)
 
