@@ -154,7 +154,8 @@ def test_external_cases_are_all_test_cases_preprocessed_with_the_training_plan(t
     assert manifest["plan"] == {"dataset": name, **params["datasets"][name]["preprocess"]}
     assert manifest["tasks"] == list(training.tasks)
     assert {c["split"] for c in manifest["cases"]} == {"test"} and len(manifest["cases"]) >= 3
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "plan.json", "test.zarr"]  # no train split
+    # No train or validation split: nothing to train on.
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "plan.json", "test.zarr"]
     with pytest.raises(CtanError, match="pass the settings of"):
         preprocess_dataset(external, force=True)
 
@@ -342,6 +343,13 @@ def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch
     text = md.read_text()
     assert "### ham_site_b (external test set; models trained on ham10000_demo)" in text
     assert "| ham10000_demo | ham_site_b (external) |" in text
+    # Each test set names the machines behind its numbers (the models' training, the evaluation).
+    import torch
+
+    assert "Training on: " in text and "Evaluation on: " in text and f"torch {torch.__version__}" in text
+    doc = json.loads((root / "results/ham10000_demo/hps/seed0/metrics.json").read_text())
+    assert set(doc["provenance"]["machine"]["training"]) == {"all"}  # one network
+    assert doc["provenance"]["machine"]["evaluation"]["threads"] == torch.get_num_threads()
 
     capsys.readouterr()
     assert audit(summary) == 0

@@ -48,3 +48,17 @@ def test_tree_hash_ignores_timestamps_but_not_content(tmp_path):
 def test_code_version_reports_commit():
     commit, dirty = code_version(REPO_ROOT)
     assert len(commit) == 40 and isinstance(dirty, bool)
+
+
+def test_machine_names_cpu_torch_threads_and_device():
+    import torch
+
+    from ctan.provenance import machine, machine_text
+
+    m = machine("cpu")
+    assert (
+        m["torch"] == torch.__version__ and m["threads"] == torch.get_num_threads() and m["device"] == "cpu"
+    )
+    assert m["cpu"] and m["cores"] >= 1
+    text = machine_text({"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0+cpu", "threads": 1, "device": "cpu"})
+    assert text == "AMD EPYC (2 cores), torch 2.13.0+cpu, 1 thread, cpu"

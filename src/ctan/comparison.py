@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
                 }
                 for s in seeds
             }
+        entry["machines"] = machines_of(docs.values())
         deltas = entry["delta_mtl"]
         entry["paired_differences"] = {
             f"{a} - {b}": paired_difference(deltas[a], deltas[b], confidence)
@@ -380,6 +381,21 @@ def _table_head(*columns: str) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
+def machines_of(docs: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The distinct machines that trained and evaluated a test set's models, one line each (results
+    are bit-for-bit reproducible only on the same kind of machine). Empty where none were recorded."""
+    from ctan.provenance import machine_text
+
+    out: dict[str, list[str]] = {"training": [], "evaluation": []}
+    for doc in docs:
+        recorded = doc.get("provenance", {}).get("machine") or {}
+        for m in (recorded.get("training") or {}).values():
+            out["training"].append(machine_text(m))
+        if recorded.get("evaluation"):
+            out["evaluation"].append(machine_text(recorded["evaluation"]))
+    return {k: sorted(set(v)) for k, v in out.items() if v}
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
@@ -402,6 +418,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{entry['test_cases']} test cases; data hash (DVC md5) `{entry['data_hash']}`"
             + (f"; source SHA-256 `{entry['source_sha256']}`" if entry.get("source_sha256") else "")
             + ".",
+            *(
+                f"{stage.capitalize()} on: {'; '.join(names)}."
+                for stage, names in (entry.get("machines") or {}).items()
+            ),
             "",
             *_table_head("task", "metric", *archs),
         ]

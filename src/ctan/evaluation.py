@@ -23,7 +23,7 @@ from ctan.device import pick_device
 from ctan.errors import CtanError
 from ctan.layout import choice_path, model_dir, networks, results_dir
 from ctan.manifest import read_manifest
-from ctan.provenance import code_version, file_sha256
+from ctan.provenance import code_version, file_sha256, machine
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
 
@@ -192,11 +192,16 @@ def evaluate(
     _write_image_level(pred_dir / "image_level.csv", image_level)
 
     commit, dirty = code_version()
-    run_ids = {}
+    run_ids, trained_on_machines = {}, {}
     for key in networks(arch, settings.tasks):
         run_file = model_dir(settings, arch, seed, key) / "run.json"
         if run_file.is_file():
             run_ids[key or "all"] = json.loads(run_file.read_text())["run_id"]
+        history_file = model_dir(settings, arch, seed, key) / "history.json"
+        if history_file.is_file():  # models trained before machines were recorded have none
+            trained = json.loads(history_file.read_text()).get("machine")
+            if trained:
+                trained_on_machines[key or "all"] = trained
     document = {
         "dataset": data.name,
         "trained_on": dataset,
@@ -218,6 +223,7 @@ def evaluate(
             "git_dirty": dirty,
             "mlflow_run_ids": run_ids,
             "tuning": _tuning_record(settings, arch),
+            "machine": {"training": trained_on_machines, "evaluation": machine(str(dev))},
         },
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def code_version(repo: Path | None = None) -> tuple[str, bool]:
@@ -25,6 +27,43 @@ def code_version(repo: Path | None = None) -> tuple[str, bool]:
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
     return commit, bool(status)
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """What a number was computed on: CPU model, torch version, torch threads and device. The same
+    commit and seed give bit-identical results only on the same kind of CPU and torch build."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def machine_text(m: dict[str, Any]) -> str:
+    """``AMD EPYC (2 cores), torch 2.13.0+cpu, 1 thread, cpu``: one line for a report."""
+    threads = m.get("threads")
+    where = m.get("gpu") or m.get("device", "?")
+    return (
+        f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), torch {m.get('torch', '?')}, "
+        f"{threads} thread{'s' if threads != 1 else ''}, {where}"
+    )
 
 
 def file_sha256(path: Path) -> str:

@@ -4,7 +4,8 @@ Reads ``settings.raw_dir`` (what `ctan download` produced) with the dataset's re
 case (`ctan.preprocess.resample`), writes ``train.zarr``, ``validation.zarr`` and ``test.zarr``
 (`ctan.store`), ``manifest.json`` (`ctan.manifest`) and ``plan.json`` (`ctan.preprocess.plan`: what
 was done, from what) into a hidden folder beside ``settings.preprocessed_dir``, and moves it into place
-only when everything succeeded: a bad case leaves nothing behind. CT stays in HU; the loader normalises intensities (`ctan.preprocess.intensity`).
+only when everything succeeded: a bad case leaves nothing behind. CT stays in HU; the loader normalises
+intensities (`ctan.preprocess.intensity`).
 """
 
 from __future__ import annotations

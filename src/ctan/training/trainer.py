@@ -247,7 +247,7 @@ def train(
             if not sys.stderr.isatty():  # a batch log (Snakemake, SLURM): no progress bar, one line an epoch
                 print(_epoch_line(record, cfg["epochs"], state.best_epoch), file=sys.stderr, flush=True)
             state.save(ckpt_path, config_hash, code_hash)
-        write_model(out, state, model_config, tasks, config_hash, manifest["data_hash"], params)
+        write_model(out, dev, state, model_config, tasks, config_hash, manifest["data_hash"], params)
     return [out]
 
 
@@ -367,6 +367,7 @@ def train_one_epoch(
 
 def write_model(
     out: Path,
+    dev: torch.device,
     state: checkpoint.TrainingState,
     model_config: dict[str, Any],
     tasks: list[Task],
@@ -387,7 +388,9 @@ def write_model(
         "data_hash": data_hash,
     }
     checkpoint.save_model(final, out / "model.pt")
-    history = {"epochs": state.history, "best_epoch": state.best_epoch}
+    from ctan.provenance import machine
+
+    history = {"epochs": state.history, "best_epoch": state.best_epoch, "machine": machine(str(dev))}
     (out / "history.json").write_text(json.dumps(history, indent=1))
     (out / "run.json").write_text(
         json.dumps({"run_id": state.run_id, "tracking_uri": tracking.tracking_uri(params)}, indent=1)
