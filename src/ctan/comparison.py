@@ -36,7 +36,7 @@ import numpy as np
 from ctan.errors import CtanError
 from ctan.layout import model_dir, networks
 from ctan.metrics.classification import mean_recall, rank_auc
-from ctan.results import read_metrics, test_sets
+from ctan.results import evaluated_sets, read_metrics
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
@@ -281,7 +281,10 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
         "external": {},
         "paper_delta_mtl": PAPER_DELTA_MTL,
     }
-    for settings, trained_on in test_sets(params):  # an external set: its results folder, its models' tasks
+    # An external set: its own results folder, its training set's models and tasks.
+    for settings, trained_on in evaluated_sets(
+        params
+    ):  # an external set: its results folder, its models' tasks
         dataset, seeds = settings.name, list(settings.seeds)  # datasets.<name>.seeds or run.seeds
         docs = {
             key: doc for key, (_, doc) in read_metrics(settings, run["architectures"], trained_on).items()

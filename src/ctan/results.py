@@ -14,7 +14,7 @@ from ctan.layout import SINGLE_TASK, metrics_path
 Docs = dict[tuple[str, int], tuple[Path, dict[str, Any]]]
 
 
-def test_sets(params: dict[str, Any]) -> list[tuple[DatasetSettings, str | None]]:
+def evaluated_sets(params: dict[str, Any]) -> list[tuple[DatasetSettings, str | None]]:
     """(settings, trained_on) of every test set of the run; ``trained_on`` is None for a dataset's own.
 
     Refuses a run without STL: every comparison is relative to it."""

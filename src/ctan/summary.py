@@ -28,7 +28,7 @@ import numpy as np
 from ctan.config import params_hash
 from ctan.errors import CtanError
 from ctan.provenance import dvc_md5, file_sha256
-from ctan.results import read_metrics, test_sets
+from ctan.results import evaluated_sets, read_metrics
 
 COLUMNS = [
     "row_type",
@@ -64,7 +64,7 @@ COLUMNS = [
 def summarize(params: dict[str, Any], output: Path) -> Path:
     archs = list(params["run"]["architectures"])
     rows: list[dict[str, Any]] = []
-    for settings, trained_on in test_sets(params):
+    for settings, trained_on in evaluated_sets(params):
         where = {
             "data_hash": dvc_md5(settings.preprocessed_dir),
             "data_path": str(settings.preprocessed_dir),
