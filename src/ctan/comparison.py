@@ -282,9 +282,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
         "paper_delta_mtl": PAPER_DELTA_MTL,
     }
     # An external set: its own results folder, its training set's models and tasks.
-    for settings, trained_on in evaluated_sets(
-        params
-    ):  # an external set: its results folder, its models' tasks
+    for settings, trained_on in evaluated_sets(params):
         dataset, seeds = settings.name, list(settings.seeds)  # datasets.<name>.seeds or run.seeds
         docs = {
             key: doc for key, (_, doc) in read_metrics(settings, run["architectures"], trained_on).items()
