@@ -13,6 +13,7 @@ from ctan.datasets.base import Case
 from ctan.errors import CtanError
 from ctan.loader import (
     CaseDataset,
+    EpochSampler,
     colour_jitter,
     flip,
     lateral_pairs,
@@ -226,6 +227,57 @@ def test_2d_flips_and_colour_jitter(rgb_store):
         np.testing.assert_array_equal(item["lesion"].numpy(), flip(full["lesion"].numpy(), aug.flips))
         assert 0 <= item["image"].min() and item["image"].max() <= 1
         assert int(item["diagnosis"]) == int(full["diagnosis"])
+
+
+def test_colour_jitter_gives_the_bits_of_the_plain_formula():
+    """The in-place form equals the textbook one (ColorJitter's order), so items did not change."""
+    grey_row = np.array([0.299, 0.587, 0.114], np.float32)
+
+    def plain(rgb, b, c, s):
+        out = np.clip(rgb * b, 0, 1)
+        grey = np.tensordot(grey_row, out, axes=1)
+        out = np.clip(grey.mean() + c * (out - grey.mean()), 0, 1)
+        grey = np.tensordot(grey_row, out, axes=1)
+        return np.clip(grey + s * (out - grey), 0, 1).astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    for shape in ((3, 48, 48), (3, 5, 7), (3, 150, 200)):
+        rgb = rng.random(shape, dtype=np.float32)
+        for b, c, s in rng.uniform(0.6, 1.4, size=(5, 3)).tolist():
+            expected = plain(rgb, b, c, s)
+            got = colour_jitter(rgb, b, c, s)
+            assert got.dtype == np.float32 and got.shape == shape
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_epoch_sampler_orders_as_a_seeded_shuffling_dataloader():
+    for seed, epoch, size in ((0, 1, 10), (3, 7, 33)):
+        sampler = EpochSampler(size, seed, shuffle=True)
+        sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        expected = list(DataLoader(range(size), batch_size=None, shuffle=True, generator=generator))
+        assert list(sampler) == [(epoch, int(i)) for i in expected]
+    assert list(EpochSampler(4, 0, shuffle=False)) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+
+
+def test_persistent_workers_give_the_batches_of_the_main_process(ct_store):
+    from ctan.training.trainer import loaders
+
+    batches = {}
+    for workers in (0, 1):
+        train = CaseDataset(ct_store, "train", [DOSE, SEG], patch_size=(4, 6, 6), augment=True, seed=1)
+        val = CaseDataset(ct_store, "train", [DOSE, SEG], patch_size=(4, 6, 6), seed=1)
+        train_loader, val_loader = loaders(train, val, {"batch_size": 2, "num_workers": workers}, 1)
+        batches[workers] = []
+        for epoch in (1, 2, 3):  # the same worker serves every epoch, drawing each epoch's augmentation
+            train_loader.sampler.set_epoch(epoch)
+            batches[workers] += list(train_loader) + list(val_loader)
+    assert len(batches[0]) == len(batches[1]) > 6
+    for a, b in zip(batches[0], batches[1], strict=True):
+        assert a["case_id"] == b["case_id"]
+        for key in ("image", "dose", "structures", "possible_dose_mask", "structure_present"):
+            assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(batches[0][0]["image"], batches[0][len(batches[0]) // 3]["image"])
 
 
 def test_patch_larger_than_the_case_is_padded_with_air_and_background(ct_store):

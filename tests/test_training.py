@@ -75,6 +75,16 @@ def test_same_seed_gives_the_same_weights(prepared, tmp_path):
     assert not _same(a, _weights(first.parent / "seed1" / "model.pt"))
 
 
+def test_weights_do_not_depend_on_the_number_of_loader_workers(prepared, tmp_path):
+    torch.set_num_threads(1)
+    params = _params(prepared, 2)
+    params["paths"] = {**params["paths"], "models": str(tmp_path / "w0")}
+    a = _weights(train(params, "ham10000_demo", "hps", 0)[0] / "model.pt")
+    params["paths"]["models"] = str(tmp_path / "w1")
+    params["training"] = {**params["training"], "num_workers": 1}
+    assert _same(a, _weights(train(params, "ham10000_demo", "hps", 0)[0] / "model.pt"))
+
+
 def test_stl_trains_one_model_per_task(prepared):
     params = _params(prepared, 1)
     outs = train(params, "ham10000_demo", "stl", 0)

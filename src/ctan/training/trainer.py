@@ -205,6 +205,7 @@ def train(
     precision = cfg.get("precision", "auto")
     _check_cpu_bf16(dev, precision)
     state = fresh_state(model, tasks, cfg, dev)
+    train_loader, val_loader = loaders(train_set, val_set, cfg, seed)
     ckpt_path = out / "checkpoint.pt"
     if said := state.resume(ckpt_path, config_hash, code_hash, cfg["epochs"]):
         print(said)
@@ -233,9 +234,7 @@ def train(
             disable=None,
         )
         for epoch in bar:
-            record = train_one_epoch(
-                state, tasks, train_set, val_set, cfg, seed, epoch, dev, precision, layout
-            )
+            record = train_one_epoch(state, tasks, train_loader, val_loader, epoch, dev, precision, layout)
             best = state.history[state.best_epoch - 1] if state.best_epoch else None
             state.add(record, better=best is not None and improves(record, best))
             tracking.log_metrics(_flatten_record(record), step=epoch)
@@ -274,6 +273,27 @@ def splits(settings, manifest: dict[str, Any], tasks: list[Task], cfg: dict[str,
         store, "validation", tasks, patch_size=None, augment=False, seed=seed, cache_mb=cache
     )
     return train_set, val_set
+
+
+def loaders(train_set, val_set, cfg: dict[str, Any], seed: int) -> tuple[DataLoader, DataLoader]:
+    """One DataLoader per split for the whole run, drawing ``(epoch, index)`` keys from an
+    `EpochSampler`: with ``num_workers`` > 0 the workers persist across epochs, keeping their decoded
+    cases, and build the next batches while the model trains on this one."""
+    from ctan.loader import EpochSampler
+
+    workers = int(cfg["num_workers"])
+
+    def loader(split, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            split,
+            batch_size=cfg["batch_size"],
+            sampler=EpochSampler(len(split), seed, shuffle),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),  # workers' seeds: not from the global RNG
+        )
+
+    return loader(train_set, True), loader(val_set, False)
 
 
 def model_for(arch: str, tasks: list[Task], settings, manifest: dict[str, Any], in_channels: int):
@@ -322,10 +342,8 @@ def run_tags(dataset: str, arch: str, seed: int, task: str | None) -> dict[str, 
 def train_one_epoch(
     state: checkpoint.TrainingState,
     tasks: list[Task],
-    train_set,
-    val_set,
-    cfg: dict[str, Any],
-    seed: int,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
     epoch: int,
     dev: torch.device,
     precision: str,
@@ -334,18 +352,11 @@ def train_one_epoch(
     """Train one pass (shuffled by seed and epoch alone, so a resumed run sees the same order),
     validate, step the schedule; the epoch's record for history.json."""
     model, weighting, optimizer = state.model, state.weighting, state.optimizer
-    train_set.set_epoch(epoch)
-    shuffle = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg["batch_size"],
-        shuffle=True,
-        generator=shuffle,
-        num_workers=cfg["num_workers"],
+    train_loader.sampler.set_epoch(epoch)
+    tr = run_epoch(
+        model, weighting, tasks, train_loader, dev, optimizer, f"epoch {epoch} train", precision, layout
     )
-    tr = run_epoch(model, weighting, tasks, loader, dev, optimizer, f"epoch {epoch} train", precision, layout)
     weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
-    val_loader = DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False)
     va = run_epoch(model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout)
     state.scheduler.step()
     first = state.history[0]["val_metrics"] if state.history else va["metrics"]
