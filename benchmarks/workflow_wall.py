@@ -9,8 +9,9 @@ minus the first start. Lower bounds on that wall time:
 
 - CPU bound: all jobs' CPU seconds / cores (no schedule can beat it on those cores);
 - critical path: the longest chain of jobs that must run one after another: per dataset download ->
-  preprocess -> the slowest train (for STL the slowest of its per-task jobs) + its evaluate, then
-  summarize after every dataset.
+  preprocess -> the network's tuning job (where `tuning.lr` has several values) -> the slowest train
+  (for STL the slowest of its per-task tune + train chains) + its evaluate, then summarize after every
+  dataset.
 
 Wall time well above both means idle cores (jobs waited on each other or on the scheduler).
 """
@@ -60,7 +61,8 @@ def read_jobs(root: Path) -> list[Job]:
 
 
 def critical_path(jobs: list[Job]) -> float:
-    """Longest dependent chain: download -> preprocess -> train -> evaluate per dataset, then summarize."""
+    """Longest dependent chain: download -> preprocess -> tune -> train -> evaluate per dataset, then
+    summarize. Tuning files are tune/<dataset>/<arch>.tsv and, for STL, tune/<dataset>/stl/<task>.tsv."""
     by_stage: dict[str, dict[tuple[str, ...], float]] = defaultdict(dict)
     for job in jobs:
         by_stage[job.stage][job.key] = job.seconds
@@ -71,7 +73,8 @@ def critical_path(jobs: list[Job]) -> float:
         train: dict[tuple[str, ...], float] = defaultdict(float)
         for key, s in by_stage["train"].items():
             if key[0] == ds:  # (ds, arch, seed) or, for STL, (ds, stl, seed, task): the slowest task counts
-                train[key[:3]] = max(train[key[:3]], s)
+                tuned = by_stage["tune"].get(key[:2] + key[3:], 0.0)  # (ds, arch) or (ds, stl, task)
+                train[key[:3]] = max(train[key[:3]], tuned + s)
         models = set(train) | {k for k in by_stage["evaluate"] if k[0] == ds}
         after = max((train.get(k, 0.0) + by_stage["evaluate"].get(k, 0.0) for k in models), default=0.0)
         longest = max(longest, before + after)
@@ -86,7 +89,7 @@ def report(jobs: list[Job], cores: int) -> str:
     path = critical_path(jobs)
     bound = max(cpu / cores, path)
     lines = ["| stage | jobs | wall s (sum) | CPU s (sum) |", "|---|---|---|---|"]
-    for stage in ("download", "preprocess", "train", "evaluate", "summarize"):
+    for stage in ("download", "preprocess", "tune", "train", "evaluate", "summarize"):
         of = [j for j in jobs if j.stage == stage]
         if of:
             seconds, cpu_seconds = sum(j.seconds for j in of), sum(j.cpu_seconds for j in of)

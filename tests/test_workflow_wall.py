@@ -38,3 +38,21 @@ def test_wall_cpu_bound_and_critical_path(tmp_path):
     text = workflow_wall.report(jobs, cores=2)
     assert "wall time (first start to last end): 21 s" in text
     assert "CPU lower bound (CPU s / 2 cores): 20 s" in text
+
+
+def test_tuning_jobs_lie_on_the_critical_path(tmp_path):
+    """A final training job waits for its network's tuning job (STL: per task)."""
+    _bench(tmp_path, "download/a.tsv", 1, 1, 1000)
+    _bench(tmp_path, "preprocess/a.tsv", 4, 4, 1004)
+    _bench(tmp_path, "tune/a/hps.tsv", 20, 20, 1024)
+    _bench(tmp_path, "tune/a/stl/t1.tsv", 30, 30, 1034)
+    _bench(tmp_path, "tune/a/stl/t2.tsv", 6, 6, 1040)
+    _bench(tmp_path, "train/a/hps/seed0.tsv", 10, 10, 1034)
+    _bench(tmp_path, "train/a/stl/seed0/t1.tsv", 5, 5, 1039)
+    _bench(tmp_path, "train/a/stl/seed0/t2.tsv", 12, 12, 1052)
+    _bench(tmp_path, "evaluate/a/hps/seed0.tsv", 2, 2, 1036)
+    _bench(tmp_path, "evaluate/a/stl/seed0.tsv", 3, 3, 1055)
+    jobs = workflow_wall.read_jobs(tmp_path)
+    # download 1 + preprocess 4 + STL t1's chain (tune 30 + train 5, longer than t2's 6 + 12) + evaluate 3
+    assert workflow_wall.critical_path(jobs) == 43
+    assert "| tune | 3 | 56 | 56 |" in workflow_wall.report(jobs, cores=2)
