@@ -3,9 +3,15 @@
     python benchmarks/workflow_wall.py --cores 2            # reads logs/benchmarks/**.tsv
 
 Every rule writes a Snakemake `benchmark:` file, logs/benchmarks/<stage>/<dataset>/...tsv (summarize:
-logs/benchmarks/summarize.tsv), with the job's wall seconds (`s`) and CPU seconds (`cpu_time`). A job
-ends when its file is written, so it ran from mtime - s to mtime; the run's wall time is the last end
-minus the first start. Lower bounds on that wall time:
+logs/benchmarks/summarize.tsv), with the job's wall seconds (`s`). A job ends when its file is written,
+so it ran from mtime - s to mtime; the run's wall time is the last end minus the first start.
+
+A job's CPU seconds come from its log, logs/<stage>/<dataset>/....log, where every `ctan` command
+prints them (`ctan.jobcost`). Snakemake's own `cpu_time` is a sample (every second for 30 s, then
+every 30 s) that loses what a longer job used after its last sample (a 41 s training job: 15 s); it is
+used only for a job whose log has no such line, and the report says for how many.
+
+Lower bounds on the wall time:
 
 - CPU bound: all jobs' CPU seconds / cores (no schedule can beat it on those cores);
 - critical path: the longest chain of jobs that must run one after another: per dataset download ->
@@ -24,6 +30,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctan.jobcost import logged_cpu_seconds
+
 
 @dataclass(frozen=True)
 class Job:
@@ -32,13 +40,16 @@ class Job:
     seconds: float
     cpu_seconds: float
     end: float
+    cpu_from_log: bool = False  # else Snakemake's sampled cpu_time, a lower bound
 
     @property
     def start(self) -> float:
         return self.end - self.seconds
 
 
-def read_jobs(root: Path) -> list[Job]:
+def read_jobs(root: Path, logs: Path | None = None) -> list[Job]:
+    """``root``: the benchmark folder; ``logs``: the log folder (default: its parent)."""
+    logs = root.parent if logs is None else logs
     jobs = []
     for path in sorted(root.rglob("*.tsv")):
         rel = path.relative_to(root).with_suffix("").parts
@@ -48,13 +59,15 @@ def read_jobs(root: Path) -> list[Job]:
             continue
         row = rows[-1]  # a repeated benchmark (`repeat(...)`) has several rows; the file ends with the last
         cpu = row.get("cpu_time", "")
+        logged = logged_cpu_seconds(logs.joinpath(*path.relative_to(root).parts).with_suffix(".log"))
         jobs.append(
             Job(
                 stage=rel[0],
                 key=tuple(rel[1:]),
                 seconds=float(row["s"]),
-                cpu_seconds=float(cpu) if cpu not in ("", "NA") else 0.0,
+                cpu_seconds=logged if logged is not None else float(cpu) if cpu not in ("", "NA") else 0.0,
                 end=path.stat().st_mtime,
+                cpu_from_log=logged is not None,
             )
         )
     return jobs
@@ -97,7 +110,9 @@ def report(jobs: list[Job], cores: int) -> str:
     lines += [
         "",
         f"wall time (first start to last end): {wall:.0f} s",
-        f"CPU lower bound (CPU s / {cores} cores): {cpu / cores:.0f} s",
+        f"CPU lower bound (CPU s / {cores} cores): {cpu / cores:.0f} s "
+        f"({sum(j.cpu_from_log for j in jobs)} of {len(jobs)} jobs' CPU s from their logs, the rest "
+        "from Snakemake's sampled cpu_time, which undercounts jobs over 30 s)",
         f"critical path: {path:.0f} s",
         f"wall / max(lower bounds): {wall / bound:.2f}" if bound > 0 else "",
     ]
@@ -107,9 +122,10 @@ def report(jobs: list[Job], cores: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--benchmarks", type=Path, default=Path("logs/benchmarks"))
+    ap.add_argument("--logs", type=Path, help="the jobs' log folder (default: the parent of --benchmarks)")
     ap.add_argument("--cores", type=int, default=2, help="the --cores the workflow ran with")
     args = ap.parse_args()
-    print(report(read_jobs(args.benchmarks), args.cores))
+    print(report(read_jobs(args.benchmarks, args.logs), args.cores))
 
 
 if __name__ == "__main__":

@@ -56,3 +56,35 @@ def test_tuning_jobs_lie_on_the_critical_path(tmp_path):
     # download 1 + preprocess 4 + STL t1's chain (tune 30 + train 5, longer than t2's 6 + 12) + evaluate 3
     assert workflow_wall.critical_path(jobs) == 43
     assert "| tune | 3 | 56 | 56 |" in workflow_wall.report(jobs, cores=2)
+
+
+def test_cpu_seconds_come_from_the_job_log_where_it_has_them(tmp_path):
+    """Snakemake samples cpu_time every 30 s after a job's first 30 s; the job's own line is exact."""
+    bench = tmp_path / "benchmarks"
+    _bench(bench, "train/a/hps/seed0.tsv", 41, 15, 1041)
+    _bench(bench, "train/a/ctan/seed0.tsv", 10, 9, 1051)
+    log = tmp_path / "train" / "a" / "hps" / "seed0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "SLURM_JOB_ID=none host=x\nepoch 1/1 ...\n"
+        "ctan train: 40.9 s wall, 40.2 s CPU (user 38.5, system 1.7), peak memory 613 MiB\n"
+    )
+    jobs = {j.key[1]: j for j in workflow_wall.read_jobs(bench)}
+    assert jobs["hps"].cpu_seconds == 40.2 and jobs["hps"].cpu_from_log
+    assert jobs["ctan"].cpu_seconds == 9 and not jobs["ctan"].cpu_from_log
+    assert "1 of 2 jobs' CPU s from their logs" in workflow_wall.report(list(jobs.values()), cores=2)
+
+
+def test_every_workflow_command_prints_its_cost(tmp_path, capsys, monkeypatch):
+    """The line `benchmarks/workflow_wall.py` reads is the one `ctan` prints (one format, one parser)."""
+    from ctan import cli
+    from ctan.jobcost import logged_cpu_seconds
+
+    monkeypatch.setattr(cli, "_cmd_summarize", lambda args: sum(i * i for i in range(200_000)) * 0)
+    assert cli.main(["summarize", "--output", str(tmp_path / "s.csv")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("ctan summarize: ") and err.count("\n") == 1
+    log = tmp_path / "job.log"
+    log.write_text("some progress output\n" + err)
+    assert 0 < logged_cpu_seconds(log) < 60
+    assert logged_cpu_seconds(tmp_path / "absent.log") is None

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ctan.errors import CtanError
+from ctan.jobcost import usage_line
 from ctan.models import ARCHITECTURES
+
+JOB_COMMANDS = {"download", "preprocess", "train", "tune", "evaluate", "summarize", "plot-summary", "compare"}
+"""The commands workflow rules run: each ends by printing its wall and CPU time (`ctan.jobcost`)."""
 
 
 def _seed(text: str) -> int:
@@ -353,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Inside the try: argument types (--seed, names) raise CtanError, one line like any other.
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        started = time.perf_counter()
+        code = int(args.func(args) or 0)
+        if args.command in JOB_COMMANDS:
+            print(usage_line(args.command, started), file=sys.stderr)
+        return code
     except CtanError as err:
         print(f"ctan: error: {err}", file=sys.stderr)
         return 2
