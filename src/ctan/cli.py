@@ -71,6 +71,13 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _set_threads(threads: int | None) -> None:
+    """Compute set-up of the torch commands: their thread count, and malloc keeping freed memory."""
+    import os
+
+    from ctan.device import keep_freed_memory
+
+    if os.environ.get("CTAN_MALLOC") != "glibc-default":  # the baseline of benchmarks/README.md
+        keep_freed_memory()
     if threads:
         import torch
 
