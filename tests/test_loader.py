@@ -379,3 +379,36 @@ def test_read_shard_decodes_what_zarr_reads(tmp_path, shape, dtype):
     zarr.open_group(str(plain), mode="w", zarr_format=3).create_array("a", data=data, chunks=chunks)
     assert read_shard(plain / "a") is None  # not a layout it knows: the loader reads through zarr
     assert read_shard(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_batched_2d_items_equal_items_one_by_one(rgb_store, ct_store, augment):
+    """`__getitems__` (what the DataLoader calls) gives, bit for bit, the items `__getitem__` gives:
+    the batched normalisation, flips and colour jitter of cached 2D images, and the per-item path
+    for 3D and for cases not held in memory."""
+    from torch.utils.data import DataLoader
+
+    from ctan.loader import EpochSampler
+
+    setups = [(rgb_store, [LESION, DIAGNOSIS], None, 64), (rgb_store, [LESION, DIAGNOSIS], None, 0)]
+    setups.append((ct_store, [DOSE, SEG], (4, 6, 6), 64))
+    for store, tasks, patch, cache in setups:
+        ds = CaseDataset(store, "train", tasks, patch_size=patch, augment=augment, seed=7, cache_mb=cache)
+        for epoch in (0, 3):
+            keys = [(epoch, i) for i in (2, 0, 3, 1)]
+            batch, single = ds.__getitems__(keys), [ds[k] for k in keys]
+            for a, b in zip(batch, single, strict=True):
+                assert a.keys() == b.keys()
+                for key, value in b.items():
+                    if torch.is_tensor(value):
+                        assert value.dtype == a[key].dtype and torch.equal(value, a[key]), key
+                    else:
+                        assert value == a[key]
+        sampler = EpochSampler(len(ds), 7, shuffle=True)
+        loader = DataLoader(ds, batch_size=3, sampler=sampler)
+        sampler.set_epoch(1)
+        ds.set_epoch(1)
+        order = list(sampler)
+        for n, got in enumerate(loader):  # the DataLoader takes the batched path
+            want = [ds[k] for k in order[3 * n : 3 * n + 3]]
+            assert torch.equal(got["image"], torch.stack([w["image"] for w in want]))
