@@ -34,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ctan.config import dataset_settings, load_params
+from ctan.device import keep_freed_memory
 from ctan.models import ARCHITECTURES, build_model
 from ctan.tasks import Task
 
@@ -249,6 +250,7 @@ def profile(cfg: Config, arch: str, device: str, rows: int = 20) -> str:
 def run_worker(spec: str) -> None:
     args = json.loads(spec)
     torch.set_num_threads(args["threads"])
+    keep_freed_memory()
     cfg = Config(**{**args["config"], "shape": tuple(args["config"]["shape"])})
     print(json.dumps({"peak_mib": peak_memory(cfg, args["arch"], args["device"])}))
 
@@ -330,6 +332,7 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the ctan commands run (ctan.device)
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, {args.steps} steps\n")
     times, rates, mems, ratios = [], [], [], []
     for cfg in configs:
