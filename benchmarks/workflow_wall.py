@@ -8,8 +8,9 @@ so it ran from mtime - s to mtime; the run's wall time is the last end minus the
 
 A job's CPU seconds come from its log, logs/<stage>/<dataset>/....log, where every `ctan` command
 prints them (`ctan.jobcost`). Snakemake's own `cpu_time` is a sample (every second for 30 s, then
-every 30 s) that loses what a longer job used after its last sample (a 41 s training job: 15 s); it is
-used only for a job whose log has no such line, and the report says for how many.
+every 30 s) that loses what a longer job used after its last sample (an OpenKBP demo training job:
+15 of its 40 CPU s); it is used only for a job whose log has no such line, and the report says for
+how many.
 
 Lower bounds on the wall time:
 
