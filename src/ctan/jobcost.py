@@ -2,9 +2,9 @@
 
 Snakemake's `benchmark:` files sample a job's CPU time (psutil) once a second for the first 30 seconds
 and every 30 seconds after that, so a job's CPU time after its last sample is lost: an OpenKBP demo
-training job recorded 15 CPU seconds for 36 s of wall time; alone it uses 40. The process itself knows exactly (getrusage, its own and its waited-for
-children's, e.g. DataLoader workers), so every workflow command prints it, and
-`benchmarks/workflow_wall.py` takes a job's CPU seconds from there.
+training job recorded 15 CPU seconds for 36 s of wall time; alone it uses 40. The process itself
+knows exactly (getrusage, its own and its waited-for children's, e.g. DataLoader workers), so every
+workflow command prints it, and `benchmarks/workflow_wall.py` takes a job's CPU seconds from there.
 """
 
 from __future__ import annotations
