@@ -76,7 +76,7 @@ def _set_threads(threads: int | None) -> None:
 
     from ctan.device import keep_freed_memory
 
-    if os.environ.get("CTAN_MALLOC") != "glibc-default":  # the baseline of benchmarks/README.md
+    if os.environ.get("CTAN_MALLOC") != "glibc-default":  # the A/B baseline (docs/architecture.md, Cost)
         keep_freed_memory()
     if threads:
         import torch

@@ -23,8 +23,8 @@ def keep_freed_memory() -> bool:
     By default glibc serves a block of 128 KiB and more (most activations) with its own mmap and
     unmaps it on free, so every training step pays page faults and zeroing for all its activations
     again; freed heap tops are trimmed likewise. Raising both thresholds (to 32 MiB and 1 GiB) made a
-    HAM10000 real-sample training job 6.5 % faster here (docs/architecture.md, Cost), with the same bits:
-    where memory comes from never changes a result. A no-op (False) off glibc."""
+    HAM10000 real-sample training job 6.5 % faster here (docs/architecture.md, Cost), with a
+    byte-identical model.pt. A no-op (False) off glibc."""
     import ctypes
     import ctypes.util
 
