@@ -72,12 +72,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 def _set_threads(threads: int | None) -> None:
     """Compute set-up of the torch commands: their thread count, and malloc keeping freed memory."""
-    import os
-
     from ctan.device import keep_freed_memory
 
-    if os.environ.get("CTAN_MALLOC") != "glibc-default":  # the A/B baseline (docs/architecture.md, Cost)
-        keep_freed_memory()
+    keep_freed_memory()
     if threads:
         import torch
 

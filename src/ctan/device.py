@@ -24,9 +24,14 @@ def keep_freed_memory() -> bool:
     unmaps it on free, so every training step pays page faults and zeroing for all its activations
     again; freed heap tops are trimmed likewise. Raising both thresholds (to 32 MiB and 1 GiB) made a
     HAM10000 real-sample training job 6.5 % faster here (docs/architecture.md, Cost), with a
-    byte-identical model.pt. A no-op (False) off glibc."""
+    byte-identical model.pt. A no-op (False) off glibc, and with ``CTAN_MALLOC=glibc-default`` (the
+    baseline of such A/B measurements)."""
     import ctypes
     import ctypes.util
+    import os
+
+    if os.environ.get("CTAN_MALLOC") == "glibc-default":
+        return False
 
     name = ctypes.util.find_library("c")
     try:
