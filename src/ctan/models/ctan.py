@@ -84,15 +84,18 @@ class CrossTaskAttentionEncoder(nn.Module):
                 mask = self.masks[j](self.context(first, carried))
             else:
                 mask = self.masks[j](first, shared_input=True)
-            # (B, T*C, ...) -> (T, B, C, ...), times the shared stage output: every task's attended features.
-            stacked = mask.unflatten(1, (len(names), stage_out.shape[1])).transpose(0, 1) * stage_out
-            attended = list(stacked.unbind(0))
+            # (B, T*C, ...) -> (B, T, C, ...), times the shared stage output: every task's attended
+            # features, in the mask's own memory layout (a transposed view here made every element-wise
+            # operator on it, forward and backward, a strided loop several times slower).
+            stacked = mask.unflatten(1, (len(names), stage_out.shape[1])) * stage_out.unsqueeze(1)
+            attended = list(stacked.unbind(1))
             if j < len(self.down):
                 for n, a in zip(names, attended, strict=True):
                     skips[n].append(a)
-                # All tasks through the shared conv in one batch (GroupNorm is per sample: exact).
+                # All tasks through the shared conv as one batch of B*T samples (a view, no copy);
+                # GroupNorm is per sample, so this is exact.
                 down = self.down[j](stacked.flatten(0, 1))
-                carried = list(down.chunk(len(names), dim=0))
+                carried = list(down.unflatten(0, (-1, len(names))).unbind(1))
         return skips, dict(zip(names, attended, strict=True))
 
 
