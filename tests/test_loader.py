@@ -18,6 +18,7 @@ from ctan.loader import (
     flip,
     lateral_pairs,
     patch_start,
+    prefetched,
     read_window,
     swap_channels,
 )
@@ -278,6 +279,46 @@ def test_persistent_workers_give_the_batches_of_the_main_process(ct_store):
         for key in ("image", "dose", "structures", "possible_dose_mask", "structure_present"):
             assert torch.equal(a[key], b[key]), key
     assert not torch.equal(batches[0][0]["image"], batches[0][len(batches[0]) // 3]["image"])
+
+
+def test_prefetched_batches_are_the_loaders_in_order(ct_store, rgb_store):
+    for store, tasks, patch in ((ct_store, [DOSE, SEG], (4, 6, 6)), (rgb_store, [LESION, DIAGNOSIS], None)):
+        ds = CaseDataset(store, "train", tasks, patch_size=patch, augment=True, seed=3)
+        loader = DataLoader(ds, batch_size=2, sampler=EpochSampler(len(ds), 3, shuffle=True))
+        for epoch in (1, 2):
+            loader.sampler.set_epoch(epoch)
+            plain, ahead = list(loader), list(prefetched(loader, depth=1))
+            assert len(plain) == len(ahead) > 1
+            for a, b in zip(plain, ahead, strict=True):
+                assert a["case_id"] == b["case_id"]
+                for key in ("image", *(t.name for t in tasks)):
+                    assert torch.equal(a[key], b[key]), key
+
+
+def test_prefetched_raises_the_threads_error_and_stops_when_closed():
+    import threading
+
+    def failing():
+        yield 1
+        raise CtanError(Path("store.zarr"), "broken shard")
+
+    batches = prefetched(failing())
+    assert next(batches) == 1
+    with pytest.raises(CtanError, match="broken shard"):
+        next(batches)
+
+    built = []
+
+    def endless():
+        while True:
+            built.append(len(built))
+            yield built[-1]
+
+    batches = prefetched(endless(), depth=2)
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    batches.close()
+    assert not any(t.name == "ctan-prefetch" for t in threading.enumerate())
+    assert len(built) <= 3 + 2 + 1  # consumed, queued, and at most one being built when told to stop
 
 
 def test_patch_larger_than_the_case_is_padded_with_air_and_background(ct_store):

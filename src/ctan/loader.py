@@ -19,6 +19,8 @@ Why it looks like this:
   does not wait on per-item reads. Arrays in any layout `read_shard` does not know go through zarr.
 - The DataLoader asks for a batch at once (`CaseDataset.__getitems__`): whole 2D images in memory are
   normalised, flipped and colour-jittered as one array, with the bits the items have one by one.
+- Training iterates a loader through `prefetched`, which builds the next batches in a thread while
+  the model trains on this one.
 
 Augmentation (``augment=True``): 3D random patches of ``patch_size`` and random flips along each axis
 (a flip along x, the patient's left-right axis, also swaps the channels of paired Left/Right
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numcodecs.blosc
 import numpy as np
@@ -46,6 +50,8 @@ from ctan.errors import CtanError
 from ctan.preprocess.intensity import normalise_ct, normalise_rgb
 from ctan.store import SplitStore, array_folder
 from ctan.tasks import Task
+
+T = TypeVar("T")
 
 FLIP_PROBABILITY = 0.5
 JITTER = {"brightness": 0.1, "contrast": 0.1, "saturation": 0.1}  # factors drawn from 1 ± these
@@ -472,3 +478,63 @@ class EpochSampler(Sampler[tuple[int, int]]):
         else:
             order = range(self.size)
         return ((self.epoch, i) for i in order)
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``batches``, built up to ``depth`` ahead in a background thread while the model trains.
+
+    Without loader workers the DataLoader builds each batch in the training thread, so every step
+    waited for its batch: on the HAM10000 real sample 6 % of a HPS training epoch, 11 % of a STL
+    diagnosis one. The batches are the same and in the same order (each item's randomness comes from
+    its own seed), only built earlier. Not for a DataLoader with workers: they already build ahead, and
+    workers forked from this thread could inherit locks held elsewhere. An error in the thread is
+    raised here; closing the generator (or leaving the loop) stops the thread.
+    """
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    threads = torch.get_num_threads()
+
+    def work() -> None:
+        # A new thread starts with OpenMP's default team (every core): keep the caller's thread count,
+        # or each torch call here would start spinning threads on cores the training step uses.
+        torch.set_num_threads(threads)
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(_Failed(error))
+            return
+        put(_END)
+
+    thread = threading.Thread(target=work, name="ctan-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()

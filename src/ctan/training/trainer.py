@@ -23,6 +23,7 @@ from ctan.config import dataset_settings, params_hash
 from ctan.device import pick_device
 from ctan.errors import CtanError
 from ctan.layout import check_task_option, model_dir, per_task
+from ctan.loader import prefetched
 from ctan.manifest import read_manifest
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
@@ -115,35 +116,41 @@ def run_epoch(
     metric_sums: dict[str, dict[str, float]] = {t.name: {} for t in tasks}
     image_level: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in tasks if not t.dense}
     n_batches, wait, start = 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    # The next batches are built while the model trains on this one: by the loader's workers if it has
+    # any, else in a background thread (not both: workers forked from that thread could deadlock).
+    batches = prefetched(loader) if loader.num_workers == 0 else (batch for batch in loader)
+    bar = tqdm(batches, total=len(loader), desc=desc, leave=False, disable=None)
     it = iter(bar)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        wait += time.perf_counter() - t0
-        batch = to_device(batch, device)
-        batch["image"] = batch["image"].contiguous(memory_format=layout)
-        with torch.set_grad_enabled(training), _autocast(device, precision):
-            outputs = model(batch["image"])
-            losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
-        if training:
-            total = weighting(losses)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-        for t in tasks:
-            sums[t.name] += float(losses[t.name].detach())
-            for k, v in monitor_metrics(t, outputs[t.name].detach().float(), batch).items():
-                metric_sums[t.name][k] = metric_sums[t.name].get(k, 0.0) + v
-            if t.name in image_level and not training:
-                image_level[t.name].append(
-                    (outputs[t.name].detach().float().cpu().numpy(), batch[t.name].cpu().numpy())
-                )
-        n_batches += 1
-        bar.set_postfix({t: f"{sums[t] / n_batches:.3f}" for t in sums})
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t0
+            batch = to_device(batch, device)
+            batch["image"] = batch["image"].contiguous(memory_format=layout)
+            with torch.set_grad_enabled(training), _autocast(device, precision):
+                outputs = model(batch["image"])
+                losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
+            if training:
+                total = weighting(losses)
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+            for t in tasks:
+                sums[t.name] += float(losses[t.name].detach())
+                for k, v in monitor_metrics(t, outputs[t.name].detach().float(), batch).items():
+                    metric_sums[t.name][k] = metric_sums[t.name].get(k, 0.0) + v
+                if t.name in image_level and not training:
+                    image_level[t.name].append(
+                        (outputs[t.name].detach().float().cpu().numpy(), batch[t.name].cpu().numpy())
+                    )
+            n_batches += 1
+            bar.set_postfix({t: f"{sums[t] / n_batches:.3f}" for t in sums})
+    finally:
+        batches.close()  # stops the thread at once if the loop ended early
     if n_batches == 0:
         raise CtanError(None, "no batches: the split is empty")
     elapsed = time.perf_counter() - start
