@@ -195,10 +195,13 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
 def our_flat_index(challenge_index: np.ndarray) -> np.ndarray:
     """Flat challenge indices (i, j, k) -> flat indices of our (z, y, x) volume, z = 127 − k, y = i, x = j.
 
-    Remapping the few listed indices is much cheaper than transposing whole scattered volumes.
+    Remapping the few listed indices is much cheaper than transposing whole scattered volumes. The
+    challenge index is ``(i * 128 + j) * 128 + k``, so one divmod gives ``i * 128 + j`` and ``k``
+    (several times faster than unravel_index + ravel_multi_index, which also re-check the bounds
+    `read_sparse` has checked).
     """
-    i, j, k = np.unravel_index(challenge_index, GRID)
-    return np.ravel_multi_index((GRID[2] - 1 - k, i, j), (GRID[2], GRID[0], GRID[1]))
+    ij, k = np.divmod(challenge_index, GRID[2])
+    return (GRID[2] - 1 - k) * (GRID[0] * GRID[1]) + ij
 
 
 def _dense(
