@@ -510,12 +510,8 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
                 continue
         return False
 
-    threads = torch.get_num_threads()
-
     def work() -> None:
-        # A new thread starts with OpenMP's default team (every core): keep the caller's thread count,
-        # or each torch call here would start spinning threads on cores the training step uses.
-        torch.set_num_threads(threads)
+        # torch ops here (collating) use the thread count the caller set: torch applies it per thread.
         try:
             for batch in batches:
                 if not put(batch):
