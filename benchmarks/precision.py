@@ -16,6 +16,7 @@ slower and `ctan train` warns.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -36,7 +37,7 @@ def run(
     params: dict, dataset: str, arch: str, seed: int, precision: str, root: Path, lr: float
 ) -> list[dict]:
     """Train once; one record per model folder (STL trains one network per task)."""
-    params = json.loads(json.dumps(params))
+    params = copy.deepcopy(params)
     params["paths"] = {**params["paths"], "models": str(root / "models" / precision)}
     params["training"] = {**params["training"], "precision": precision, "lr": lr}
     for name in params["datasets"]:  # per-dataset training overrides would win over the global lr

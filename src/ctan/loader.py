@@ -494,10 +494,13 @@ def prefetched(batches: Iterable[T], depth: int = 2) -> Iterator[T]:
     Without loader workers the DataLoader builds each batch in the training thread, so every step
     waited for its batch: on the HAM10000 real sample 6 % of a HPS training epoch, 11 % of a STL
     diagnosis one. The batches are the same and in the same order (each item's randomness comes from
-    its own seed), only built earlier. Not for a DataLoader with workers: they already build ahead, and
-    workers forked from this thread could inherit locks held elsewhere. An error in the thread is
-    raised here; closing the generator (or leaving the loop) stops the thread.
+    its own seed), only built earlier. A DataLoader with workers is iterated as it is: they already
+    build ahead, and workers forked from this thread could inherit locks held elsewhere. An error in
+    the thread is raised here; closing the generator (or leaving the loop) stops the thread.
     """
+    if getattr(batches, "num_workers", 0) > 0:
+        yield from batches
+        return
     slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

@@ -129,7 +129,7 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
     """
     axes = _axis_names(case)
     images = {"image": case.image, **{k: v for k, v in case.dense.items() if not _is_label(v)}}
-    images = {k: np.ascontiguousarray(v) for k, v in images.items()}
+    images = {k: np.ascontiguousarray(v) for k, v in images.items()}  # the RGB image is uint8: not a label
     labels = {k: np.ascontiguousarray(v) for k, v in case.dense.items() if _is_label(v)}
     attrs = {
         "ome": {
@@ -145,24 +145,18 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
             **(extra or {}),
         },
     }
-    label_ome = {
-        name: {
-            "version": NGFF_VERSION,
-            "image-label": {"source": {"image": "../../"}},
-            "multiscales": [_multiscale(case, name, LEVEL)],
-        }
-        for name in labels
-    }
-    sync(
-        _write_case(
-            root._async_group,
-            case.case_id,
-            attrs,
-            images,
-            {name: (label_ome[name], data) for name, data in labels.items()},
-            axes,
+    image_labels = {
+        name: (
+            {
+                "version": NGFF_VERSION,
+                "image-label": {"source": {"image": "../../"}},
+                "multiscales": [_multiscale(case, name, LEVEL)],
+            },
+            data,
         )
-    )
+        for name, data in labels.items()
+    }
+    sync(_write_case(root._async_group, case.case_id, attrs, images, image_labels, axes))
     return {name: array_hash(data) for name, data in {**images, **labels}.items()}
 
 

@@ -116,9 +116,7 @@ def run_epoch(
     metric_sums: dict[str, dict[str, float]] = {t.name: {} for t in tasks}
     image_level: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in tasks if not t.dense}
     n_batches, wait, start = 0, 0.0, time.perf_counter()
-    # The next batches are built while the model trains on this one: by the loader's workers if it has
-    # any, else in a background thread (not both: workers forked from that thread could deadlock).
-    batches = prefetched(loader) if loader.num_workers == 0 else (batch for batch in loader)
+    batches = prefetched(loader)  # the next batches are built while the model trains on this one
     bar = tqdm(batches, total=len(loader), desc=desc, leave=False, disable=None)
     it = iter(bar)
     try:
