@@ -59,12 +59,14 @@ def main() -> None:
                 trainer.prefetched = kinds[kind]
                 train_loader.sampler.set_epoch(epoch)
                 t0 = time.perf_counter()
-                record = trainer.run_epoch(model, weighting, tasks, train_loader, torch.device("cpu"), optimizer)
+                cpu = torch.device("cpu")
+                record = trainer.run_epoch(model, weighting, tasks, train_loader, cpu, optimizer)
                 seconds[kind].append(time.perf_counter() - t0)
                 waits[kind].append(record["data_wait_fraction"])
     finally:
         trainer.prefetched = ahead
-    print(f"{args.dataset} {args.arch}{':' + args.task if args.task else ''}, {len(train_loader)} steps an epoch")
+    network = f"{args.arch}:{args.task}" if args.task else args.arch
+    print(f"{args.dataset} {network}, {len(train_loader)} steps an epoch")
     for kind in kinds:
         print(
             f"  {kind:18s} epoch {statistics.median(seconds[kind][1:]):.3f} s (median of "
