@@ -222,6 +222,35 @@ def test_truncated_csv_is_refused(synthetic_root: Path) -> None:
     assert_names(err, "ct.csv")
 
 
+@pytest.mark.parametrize("rows", ["130,\n131,\n130,\n", "130,\n130,\n", "131,\n130,\n131,\n"])
+def test_voxel_listed_twice_is_refused(synthetic_root: Path, rows: str) -> None:
+    """Sorted or not (the release's files are ascending; others need not be)."""
+    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", PTV70=",data\n" + rows)
+    with pytest.raises(CtanError, match="listed twice") as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, "PTV70.csv")
+
+
+def test_row_cut_short_is_refused(synthetic_root: Path) -> None:
+    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", dose=",data\n130,70.5\n131")
+    with pytest.raises(CtanError, match="not a readable OpenKBP CSV") as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, "dose.csv")
+
+
+def test_unsorted_rows_and_header_only_files_read(synthetic_root: Path) -> None:
+    """Row order does not matter, and a structure CSV with no rows is an empty mask."""
+    write_patient(
+        synthetic_root / "provided-data" / "train-pats" / "pt_1",
+        dose=",data\n131,2.0\n130,70.5\n",
+        PTV70=",data\n",
+    )
+    case = openkbp.read_case(synthetic_root, CaseRef("pt_1", "train"))
+    flat = case.dense["dose"].reshape(-1)
+    assert sorted(flat[flat > 0].tolist()) == [2.0, 70.5]
+    assert not case.dense["structures"].any()
+
+
 def test_wrong_header_is_refused(synthetic_root: Path) -> None:
     write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", dose="index,value\n1,2.0\n")
     with pytest.raises(CtanError, match="header") as err:
