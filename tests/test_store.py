@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import zarr
 from ome_zarr_models.v05 import image as ome  # the dev extra: a validator made for OME-Zarr
+from zarr.core.sync import sync
 
 from ctan.datasets.base import Case
-from ctan.store import SplitStore, create_split, write_case
+from ctan.store import SplitStore, _case_nodes, _write_case, create_split, write_case
 
 
 def _ct_case() -> Case:
@@ -89,3 +90,28 @@ def test_a_store_without_labels_group_still_reads(tmp_path):
     store = SplitStore.open(tmp_path / "old.zarr")
     assert store.array_names("a") == ["image", "lesion"]
     assert store.read_case("a")["lesion"].sum() == 16
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("make", [_ct_case, _rgb_case])
+def test_staged_write_gives_the_files_zarr_writes_itself(tmp_path, make):
+    """write_case builds a case in memory and writes its files; zarr writing them to disk gives the same."""
+    case = make()
+    attrs = {"case_ids": [case.case_id, "other"], "spatial_dims": len(case.spacing)}
+    ours = create_split(tmp_path / "ours.zarr", attrs)
+    write_case(ours, case, {"source": "x"})
+    other = Case(**{**vars(case), "case_id": "other"})
+    write_case(ours, other)
+    zarrs = create_split(tmp_path / "zarr.zarr", attrs)
+    for c, extra in ((case, {"source": "x"}), (other, None)):
+        sync(_write_case(zarrs._async_group, c.case_id, *_case_nodes(c, extra)))
+    assert _files(tmp_path / "ours.zarr") == _files(tmp_path / "zarr.zarr")
+    assert SplitStore.open(tmp_path / "ours.zarr").attrs == attrs  # the root's attributes are kept
+
+
+def test_write_case_refuses_a_store_off_the_file_system():
+    with pytest.raises(TypeError, match="local file system"):
+        write_case(zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), _ct_case())
