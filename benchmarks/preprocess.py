@@ -8,7 +8,8 @@
 2. Stage by stage, case by case, with the same functions the pipeline calls: parse (the reader), check,
    resample, write (Zarr, including the content hash of each array; that hash is also timed on its own),
    and hashing the source files. For comparison, the same case written the way zarr writes a local store
-   itself (a thread hand-off per file and per parent check) where `write_case` builds it in memory first.
+   itself (a thread hand-off per file and per parent check) where `write_case` builds it in memory first,
+   and what creating as many folders and files as a case has costs on this file system alone.
 3. The floor, as issue 12 set it: only `pandas.read_csv` of each case's CSVs, what a pandas-based reader
    must at least do (ctan's reader parses with Arrow's CSV reader, which needs less). Each case's floor
    is timed right before its stages, so both see the same page cache.
@@ -119,7 +120,36 @@ def run(archive: Path, spacing, shape, limit: int | None) -> dict:
             clock.time("  zarr writing its files itself", sync, write)
             clock.time("source file hashes", source_hashes, case, settings.raw_dir)
         total_cases = len(reader.list_cases(root))
-    return {"cases": total_cases, "stage_cases": len(refs), "wall": clock.wall, "cpu": clock.cpu}
+        folders, files = case_entries(work / "stages.zarr" / refs[0].case_id)
+        for i in range(len(refs)):
+            clock.time(FS_FLOOR, create_entries, work / "fs" / str(i), folders, files)
+    return {
+        "cases": total_cases,
+        "stage_cases": len(refs),
+        "case_folders": folders,
+        "case_files": files,
+        "wall": clock.wall,
+        "cpu": clock.cpu,
+    }
+
+
+FS_FLOOR = "  file system: a case's folders + files"
+
+
+def case_entries(case_dir: Path) -> tuple[int, int]:
+    """How many folders (the case's own included) and files a written case consists of."""
+    entries = list(case_dir.rglob("*"))
+    return 1 + sum(e.is_dir() for e in entries), sum(e.is_file() for e in entries)
+
+
+def create_entries(where: Path, folders: int, files: int) -> None:
+    """Create as many nested folders and small files as a case has: what any writer of this on-disk
+    layout pays the file system (creating an inode costs far more on some virtual disks than others)."""
+    where.mkdir(parents=True)
+    for i in range(folders - 1):
+        (where / str(i)).mkdir()
+    for i in range(files):
+        (where / str(i % max(folders - 1, 1)) / f"f{i}").write_bytes(b"0" * 4096)
 
 
 def report(result: dict, archive: Path, spacing, shape) -> str:
@@ -139,7 +169,7 @@ def report(result: dict, archive: Path, spacing, shape) -> str:
     for name in ["download (verify + extract + hash)", "preprocess end to end"]:
         lines.append(f"{name:<38}{wall[name]:>9.2f}{cpu[name]:>9.2f}{1000 * cpu[name] / n:>13.1f}{'':>8}")
     lines.append(f"stages, {m} cases one by one:")
-    compare = ["  of which array hashes", "  zarr writing its files itself"]
+    compare = ["  of which array hashes", "  zarr writing its files itself", FS_FLOOR]
     for name in [*stages[:4], *compare, stages[4], "floor: pandas.read_csv only"]:
         share = f"{100 * cpu[name] / stage_cpu:>7.0f}%" if name in stages or name.startswith("  ") else ""
         lines.append(
@@ -150,6 +180,7 @@ def report(result: dict, archive: Path, spacing, shape) -> str:
     lines += [
         "",
         f"end to end: {n / e2e:.2f} cases/s (wall), {n / cpu['preprocess end to end']:.2f} cases/CPU-s",
+        f"a written case: {result['case_folders']} folders, {result['case_files']} files",
         f"CPU per case vs the floor: end to end {per_case['preprocess end to end'] / floor_case:.1f}x, "
         f"all stages {stage_cpu / floor:.1f}x, parse {cpu['parse (reader)'] / floor:.2f}x",
     ]
