@@ -34,9 +34,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.buffer import Buffer
-from zarr.core.group import AsyncGroup
+from zarr.core.group import AsyncGroup, GroupMetadata
 from zarr.core.sync import sync
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import LocalStore, MemoryStore, StorePath
 
 from ctan.datasets.base import Case
 
@@ -133,8 +133,9 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
     """
     nodes = _case_nodes(case, extra)
     staged: dict[str, Buffer] = {}
-    staging = zarr.open_group(MemoryStore(store_dict=staged), mode="w", zarr_format=3)
-    sync(_write_case(staging._async_group, case.case_id, *nodes))
+    # A root group object on an empty memory store: nothing to open, check or write first.
+    staging = AsyncGroup(GroupMetadata(zarr_format=3), StorePath(MemoryStore(store_dict=staged)))
+    sync(_write_case(staging, case.case_id, *nodes))
     _write_files(root, {k: v for k, v in staged.items() if k.startswith(f"{case.case_id}/")})
     arrays = {**nodes[1], **{name: data for name, (_, data) in nodes[2].items()}}
     return {name: array_hash(data) for name, data in arrays.items()}
