@@ -115,3 +115,12 @@ def test_staged_write_gives_the_files_zarr_writes_itself(tmp_path, make):
 def test_write_case_refuses_a_store_off_the_file_system():
     with pytest.raises(TypeError, match="local file system"):
         write_case(zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3), _ct_case())
+
+
+def test_a_case_cannot_be_written_twice_into_a_split(tmp_path):
+    root = create_split(tmp_path / "train.zarr", {"case_ids": ["pt_1"], "spatial_dims": 3})
+    write_case(root, _ct_case())
+    before = _files(tmp_path / "train.zarr")
+    with pytest.raises(FileExistsError, match="pt_1"):
+        write_case(root, _ct_case())
+    assert _files(tmp_path / "train.zarr") == before

@@ -136,7 +136,7 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
     # A root group object on an empty memory store: nothing to open, check or write first.
     staging = AsyncGroup(GroupMetadata(zarr_format=3), StorePath(MemoryStore(store_dict=staged)))
     sync(_write_case(staging, case.case_id, *nodes))
-    _write_files(root, {k: v for k, v in staged.items() if k.startswith(f"{case.case_id}/")})
+    _write_files(root, case.case_id, {k: v for k, v in staged.items() if k.startswith(f"{case.case_id}/")})
     arrays = {**nodes[1], **{name: data for name, (_, data) in nodes[2].items()}}
     return {name: array_hash(data) for name, data in arrays.items()}
 
@@ -177,8 +177,9 @@ def _case_nodes(
     return attrs, images, image_labels, axes
 
 
-def _write_files(root: zarr.Group, files: dict[str, Buffer]) -> None:
-    """Write zarr-encoded files under a split group on the local file system, one plain write each.
+def _write_files(root: zarr.Group, case_id: str, files: dict[str, Buffer]) -> None:
+    """Write a case's zarr-encoded files under a split group on the local file system, one plain write
+    each. A case already in the split is refused, as zarr refuses to create a node twice.
 
     Not atomic file by file: `ctan preprocess` writes a split in a partial folder and renames the
     finished store into place, so a reader never sees a half-written case.
@@ -186,6 +187,8 @@ def _write_files(root: zarr.Group, files: dict[str, Buffer]) -> None:
     if not isinstance(root.store, LocalStore):
         raise TypeError(f"write_case writes split stores on the local file system, not {root.store!r}")
     base = Path(root.store.root, root.path)
+    if (base / case_id).exists():
+        raise FileExistsError(f"{base / case_id}: case {case_id!r} is already in this split store")
     made: set[Path] = set()
     for key, buffer in files.items():
         path = base / key
