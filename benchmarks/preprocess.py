@@ -143,8 +143,9 @@ def case_entries(case_dir: Path) -> tuple[int, int]:
 
 
 def create_entries(where: Path, folders: int, files: int) -> None:
-    """Create as many nested folders and small files as a case has: what any writer of this on-disk
-    layout pays the file system (creating an inode costs far more on some virtual disks than others)."""
+    """Create as many folders (one level deep) and small files as a case has: what any writer of this
+    on-disk layout pays the file system (creating an inode costs far more on some virtual disks than
+    others)."""
     where.mkdir(parents=True)
     for i in range(folders - 1):
         (where / str(i)).mkdir()

@@ -131,13 +131,13 @@ def write_case(root: zarr.Group, case: Case, extra: dict[str, Any] | None = None
     (about twice the CPU of this way on the OpenKBP real sample, docs/architecture.md). The files are
     byte for byte those zarr writes itself.
     """
-    nodes = _case_nodes(case, extra)
+    attrs, images, labels, axes = _case_nodes(case, extra)
     staged: dict[str, Buffer] = {}
     # A root group object on an empty memory store: nothing to open, check or write first.
     staging = AsyncGroup(GroupMetadata(zarr_format=3), StorePath(MemoryStore(store_dict=staged)))
-    sync(_write_case(staging, case.case_id, *nodes))
+    sync(_write_case(staging, case.case_id, attrs, images, labels, axes))
     _write_files(root, case.case_id, {k: v for k, v in staged.items() if k.startswith(f"{case.case_id}/")})
-    arrays = {**nodes[1], **{name: data for name, (_, data) in nodes[2].items()}}
+    arrays = {**images, **{name: data for name, (_, data) in labels.items()}}
     return {name: array_hash(data) for name, data in arrays.items()}
 
 
