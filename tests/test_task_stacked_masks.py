@@ -117,6 +117,14 @@ def test_stacked_ctae_matches_per_task_ctae(names: list[str], dims: int) -> None
     for (fo, oo), (fn, on) in zip(shared_old, shared_new, strict=True):
         torch.testing.assert_close(fn.grad, fo.grad, atol=TOLERANCE, rtol=1e-4)
         torch.testing.assert_close(on.grad, oo.grad, atol=TOLERANCE, rtol=1e-4)
+    # The weights learn the same: a stacked parameter's gradient is the per-task ones, stacked.
+    for j, mask in enumerate(new.masks):
+        for i in (0, 1, 3, 4):
+            for name, param in mask[i].named_parameters(recurse=False):
+                expected = torch.cat([getattr(old.masks[n][j][i], name).grad for n in names])
+                torch.testing.assert_close(param.grad, expected, atol=TOLERANCE, rtol=1e-4)
+    for a, b in zip(new.down.parameters(), old.down.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=TOLERANCE, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("names", "dims"), CASES)
