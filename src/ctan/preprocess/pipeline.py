@@ -61,10 +61,11 @@ def _names(reader: ModuleType, root: Path, function: str, constant: str) -> list
 def source_hashes(case: Case, raw_dir: Path) -> dict[str, str]:
     """{path relative to the raw folder: sha256} of the files a case was read from."""
     out = {}
+    root = raw_dir.resolve()  # once: resolving a path is a system call per component
     for path in case.sources:
         path = Path(path)
         try:
-            rel = path.resolve().relative_to(raw_dir.resolve()).as_posix()
+            rel = path.resolve().relative_to(root).as_posix()
         except ValueError:
             rel = path.as_posix()
         out[rel] = file_sha256(path)
