@@ -14,8 +14,10 @@
    must at least do (ctan's reader parses with Arrow's CSV reader, which needs less). Each case's floor
    is timed right before its stages, so both see the same page cache.
 
-Times are process CPU and wall seconds; on a shared machine trust CPU more. `--json` also writes
-benchmarks/results/preprocess.json.
+Times are process CPU and wall seconds; on a shared machine trust CPU more. On a noisy one the same
+code's ratio to the floor can move by a third from run to run: `--repeat N` measures everything N times
+(a fresh folder each time) and prints each run's ratios and their median, the figure to quote.
+`--json` also writes benchmarks/results/preprocess.json.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -157,9 +160,7 @@ def report(result: dict, archive: Path, spacing, shape) -> str:
     n, m = result["cases"], result["stage_cases"]
     wall, cpu = result["wall"], result["cpu"]
     e2e = wall["preprocess end to end"]
-    stages = ["parse (reader)", "check", "resample", "write (Zarr + array hashes)", "source file hashes"]
-    stage_cpu = sum(cpu[s] for s in stages)
-    floor = cpu["floor: pandas.read_csv only"]
+    stage_cpu = sum(cpu[s] for s in STAGES)
     lines = [
         f"archive {archive.name}: {n} cases; grid spacing={spacing} shape={shape}",
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
@@ -171,20 +172,54 @@ def report(result: dict, archive: Path, spacing, shape) -> str:
         lines.append(f"{name:<38}{wall[name]:>9.2f}{cpu[name]:>9.2f}{1000 * cpu[name] / n:>13.1f}{'':>8}")
     lines.append(f"stages, {m} cases one by one:")
     compare = ["  of which array hashes", "  zarr writing its files itself", FS_FLOOR]
-    for name in [*stages[:4], *compare, stages[4], "floor: pandas.read_csv only"]:
-        share = f"{100 * cpu[name] / stage_cpu:>7.0f}%" if name in stages or name.startswith("  ") else ""
+    for name in [*STAGES[:4], *compare, STAGES[4], "floor: pandas.read_csv only"]:
+        share = f"{100 * cpu[name] / stage_cpu:>7.0f}%" if name in STAGES or name.startswith("  ") else ""
         lines.append(
             f"  {name:<36}{wall[name]:>9.2f}{cpu[name]:>9.2f}{1000 * cpu[name] / m:>13.1f}{share:>8}"
         )
-    per_case = {k: v / (n if k in ("preprocess end to end",) else m) for k, v in cpu.items()}
-    floor_case = per_case["floor: pandas.read_csv only"]
+    ratio = ratios(result)
     lines += [
         "",
         f"end to end: {n / e2e:.2f} cases/s (wall), {n / cpu['preprocess end to end']:.2f} cases/CPU-s",
         f"a written case: {result['case_folders']} folders, {result['case_files']} files",
-        f"CPU per case vs the floor: end to end {per_case['preprocess end to end'] / floor_case:.1f}x, "
-        f"all stages {stage_cpu / floor:.1f}x, parse {cpu['parse (reader)'] / floor:.2f}x",
+        f"CPU per case vs the floor: end to end {ratio['end to end']:.1f}x, "
+        f"all stages {ratio['all stages']:.1f}x, parse {ratio['parse']:.2f}x",
     ]
+    return "\n".join(lines)
+
+
+STAGES = ["parse (reader)", "check", "resample", "write (Zarr + array hashes)", "source file hashes"]
+
+
+def ratios(result: dict) -> dict[str, float]:
+    """CPU per case against the floor's: end to end, the stages summed, and the parse alone."""
+    n, m, cpu = result["cases"], result["stage_cases"], result["cpu"]
+    floor_case = cpu["floor: pandas.read_csv only"] / m
+    return {
+        "end to end": cpu["preprocess end to end"] / n / floor_case,
+        "all stages": sum(cpu[s] for s in STAGES) / m / floor_case,
+        "parse": cpu["parse (reader)"] / m / floor_case,
+    }
+
+
+def report_repeats(results: list[dict]) -> str:
+    """One line per run (ratios, floor and write stage per case) and the median of each ratio."""
+    lines = [
+        "",
+        f"{len(results)} runs, CPU per case vs the floor:",
+        f"{'run':<6}{'end to end':>12}{'all stages':>12}{'parse':>8}{'floor ms':>10}{'write ms':>10}",
+    ]
+    for i, result in enumerate(results, 1):
+        r, m, cpu = ratios(result), result["stage_cases"], result["cpu"]
+        floor, write = (1000 * cpu[k] / m for k in ("floor: pandas.read_csv only", STAGES[3]))
+        shares = f"{r['end to end']:>11.2f}x{r['all stages']:>11.2f}x{r['parse']:>7.2f}x"
+        lines.append(f"{i:<6}{shares}{floor:>10.1f}{write:>10.1f}")
+    median = {
+        k: statistics.median(ratios(r)[k] for r in results) for k in ("end to end", "all stages", "parse")
+    }
+    lines.append(
+        f"{'median':<6}{median['end to end']:>11.2f}x{median['all stages']:>11.2f}x{median['parse']:>7.2f}x"
+    )
     return "\n".join(lines)
 
 
@@ -194,15 +229,24 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=None, help="target spacing (z y x) mm")
     parser.add_argument("--shape", type=int, nargs=3, default=None, help="target shape (z y x)")
     parser.add_argument("--cases", type=int, default=None, help="limit the stage-by-stage part to N cases")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="measure N times; report each run and the median"
+    )
     parser.add_argument("--json", action="store_true", help="also write benchmarks/results/preprocess.json")
     args = parser.parse_args()
-    result = run(args.archive, args.spacing, args.shape, args.cases)
-    print(report(result, args.archive, args.spacing, args.shape))
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    results = []
+    for _ in range(args.repeat):
+        results.append(run(args.archive, args.spacing, args.shape, args.cases))
+        print(report(results[-1], args.archive, args.spacing, args.shape), flush=True)
+    if args.repeat > 1:
+        print(report_repeats(results))
     if args.json:
         out = REPO / "benchmarks" / "results" / "preprocess.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"archive": str(args.archive), "spacing": args.spacing, "shape": args.shape}
-        out.write_text(json.dumps({**meta, **result}, indent=1) + "\n")
+        out.write_text(json.dumps({**meta, "runs": results}, indent=1) + "\n")
         print(f"wrote {out}")
 
 
