@@ -241,14 +241,13 @@ def test_nan_dose(tmp_path, capsys):
 
 
 def test_unknown_structure(tmp_path, capsys):
-    def corrupt(folder):
-        source = first(folder, "PTV70.csv")
-        path = source.with_name("Cochlea.csv")
-        path.write_text(source.read_text())
-        return path
-
-    line = corrupt_then_preprocess(tmp_path, capsys, "openkbp", corrupt)
-    assert "Cochlea" in line
+    """Refused by `ctan download`, which lists the patients: nothing is unpacked."""
+    folder = generate("openkbp", tmp_path / "src", COUNTS, seed=7)
+    source = first(folder, "PTV70.csv")
+    source.with_name("Cochlea.csv").write_text(source.read_text())
+    line = fails(capsys, "download", params(tmp_path, "openkbp", folder), "Cochlea.csv")
+    assert "unknown structure" in line
+    nothing_left(tmp_path, "raw")
 
 
 def test_missing_split(tmp_path, capsys):

@@ -6,6 +6,7 @@ Also covers the format registry (`get_reader`, `find_root`).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import tarfile
 from pathlib import Path
 
@@ -217,7 +218,7 @@ def test_csv_with_extra_fields_is_refused(synthetic_root: Path) -> None:
 
 def test_truncated_csv_is_refused(synthetic_root: Path) -> None:
     write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", ct=",data\n0,1000.0\n130,")
-    with pytest.raises(CtanError, match="no value") as err:
+    with pytest.raises(CtanError, match="cut short") as err:
         read_synthetic(synthetic_root)
     assert_names(err, "ct.csv")
 
@@ -231,11 +232,91 @@ def test_voxel_listed_twice_is_refused(synthetic_root: Path, rows: str) -> None:
     assert_names(err, "PTV70.csv")
 
 
-def test_row_cut_short_is_refused(synthetic_root: Path) -> None:
-    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", dose=",data\n130,70.5\n131")
-    with pytest.raises(CtanError, match="not a readable OpenKBP CSV") as err:
+@pytest.mark.parametrize(
+    ("dose", "message"),
+    [
+        (",data\n130,70.5\n131", "cut short"),  # the file ends inside a row
+        (",data\n130,70.5\n131,7", "cut short"),  # ... even where what is left parses ("131,7" of "131,70.2")
+        (",data\n130,70.5\n131\n132,1.0\n", "not a readable OpenKBP CSV"),  # a row short of a field
+    ],
+)
+def test_row_cut_short_is_refused(synthetic_root: Path, dose: str, message: str) -> None:
+    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", dose=dose)
+    with pytest.raises(CtanError, match=message) as err:
         read_synthetic(synthetic_root)
     assert_names(err, "dose.csv")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("ct", ",data\n0,-24.0\n130,40.0\n", "shifted by \\+1024"),  # a CT already in HU
+        ("ct", ",data\n0,1e300\n", "outside 0-65535"),
+        ("dose", ",data\n130,7050.0\n", "cGy"),
+        ("dose", ",data\n", "lists no voxels"),  # a header-only dose would train on zero dose
+        ("possible_dose_mask", ",data\n", "lists no voxels"),
+        ("voxel_dimensions", "0.003906\n0.003906\n0.0025\n", "metres"),
+        ("voxel_dimensions", "1e300\n1e300\n2.5\n", "metres"),
+    ],
+)
+def test_implausible_values_are_refused(synthetic_root: Path, name: str, text: str, message: str) -> None:
+    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", **{name: text})
+    with pytest.raises(CtanError, match=message) as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, f"{name}.csv")
+
+
+def test_compressed_csv_is_named_as_such(synthetic_root: Path) -> None:
+    folder = synthetic_root / "provided-data" / "train-pats" / "pt_1"
+    (folder / "ct.csv").write_bytes(gzip.compress((folder / "ct.csv").read_bytes()))
+    with pytest.raises(CtanError, match="gzip-compressed") as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, "ct.csv")
+
+
+def test_binary_bytes_stay_out_of_the_message(synthetic_root: Path) -> None:
+    (synthetic_root / "provided-data" / "train-pats" / "pt_1" / "ct.csv").write_bytes(
+        b"\x00\x07\x1b[2J" + bytes(range(256)) * 4 + b"\n"
+    )
+    with pytest.raises(CtanError) as err:
+        read_synthetic(synthetic_root)
+    assert str(err.value).isprintable()
+    assert len(str(err.value)) < 400
+
+
+def test_voxel_dimensions_with_a_byte_order_mark_read(synthetic_root: Path) -> None:
+    folder = synthetic_root / "provided-data" / "train-pats" / "pt_1"
+    (folder / "voxel_dimensions.csv").write_bytes(b"\xef\xbb\xbf3.906\n3.906\n2.5\n")
+    assert openkbp.read_case(synthetic_root, CaseRef("pt_1", "train")).spacing == (2.5, 3.906, 3.906)
+
+
+@pytest.mark.parametrize(("wrong", "right"), [("PTV70.CSV", "PTV70.csv"), ("ptv70.csv", "PTV70.csv")])
+def test_file_name_in_another_case_is_refused_with_the_fix(
+    synthetic_root: Path, wrong: str, right: str
+) -> None:
+    """Not a structure silently marked absent: the release's names are case-sensitive."""
+    folder = synthetic_root / "provided-data" / "train-pats" / "pt_1"
+    (folder / "PTV70.csv").rename(folder / wrong)
+    for read in (read_synthetic, openkbp.list_cases):
+        with pytest.raises(CtanError, match=f"rename it to {right}") as err:
+            read(synthetic_root)
+        assert_names(err, wrong)
+
+
+def test_required_file_in_another_case_is_refused_with_the_fix(synthetic_root: Path) -> None:
+    folder = synthetic_root / "provided-data" / "train-pats" / "pt_1"
+    (folder / "ct.csv").rename(folder / "CT.csv")
+    with pytest.raises(CtanError, match="rename it to ct.csv"):
+        openkbp.list_cases(synthetic_root)
+
+
+@pytest.mark.parametrize("name", ["pt_1 copy", "patient2"])
+def test_folder_that_is_not_a_patient_name_is_refused(synthetic_root: Path, name: str) -> None:
+    """A Finder copy of a patient would otherwise train on that patient twice."""
+    write_patient(synthetic_root / "provided-data" / "train-pats" / name)
+    with pytest.raises(CtanError, match="pt_<number>") as err:
+        openkbp.list_cases(synthetic_root)
+    assert_names(err, name)
 
 
 def test_unsorted_rows_and_header_only_files_read(synthetic_root: Path) -> None:
@@ -365,3 +446,19 @@ def test_find_root_finds_one_marker_below_the_download(tmp_path: Path) -> None:
         find_root(tmp_path, "openkbp")
     with pytest.raises(CtanError, match="no ham10000 dataset found"):
         find_root(tmp_path, "ham10000")
+
+
+def test_find_root_names_roots_inside_the_download_and_skips_macos_copies(tmp_path: Path) -> None:
+    """A zip made by macOS's Finder mirrors the tree under __MACOSX/ (AppleDouble files): not a dataset."""
+    write_patient(tmp_path / "open-kbp-sample" / "provided-data" / "train-pats" / "pt_1")
+    (tmp_path / "__MACOSX" / "open-kbp-sample" / "provided-data" / "train-pats").mkdir(parents=True)
+    assert find_root(tmp_path, "openkbp") == tmp_path / "open-kbp-sample"
+    (tmp_path / "copy" / "provided-data").mkdir(parents=True)
+    with pytest.raises(CtanError, match=r"found \(copy, open-kbp-sample\)"):
+        find_root(tmp_path, "openkbp")
+
+
+def test_dataset_deeper_than_the_search_says_so(tmp_path: Path) -> None:
+    write_patient(tmp_path / "a" / "b" / "c" / "d" / "e" / "provided-data" / "train-pats" / "pt_1")
+    with pytest.raises(CtanError, match="4 levels .* `subdir`"):
+        find_root(tmp_path, "openkbp")

@@ -60,16 +60,25 @@ def find_root(path: str | Path, format: str) -> Path:
                 entries = sorted(os.scandir(folder), key=lambda e: e.name)
             except OSError:
                 continue
-            below += [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+            below += [Path(e.path) for e in entries if e.is_dir() and not _skipped(e.name)]
         level = below
         if not level:
             break
     if not roots:
-        raise CtanError(path, f"no {format} dataset found: no folder contains {marker}")
+        raise CtanError(
+            path,
+            f"no {format} dataset found: no folder down to {MAX_ROOT_DEPTH} levels below this one contains "
+            f"{marker}; if the data sits deeper, set the dataset's `subdir` to the folder that does",
+        )
     if len(roots) > 1:
-        listed = ", ".join(str(r) for r in roots[:4])
+        listed = ", ".join(r.relative_to(path).as_posix() or "." for r in roots[:4])
         raise CtanError(path, f"{len(roots)} {format} datasets found ({listed}); set `subdir` to pick one")
     return roots[0]
+
+
+def _skipped(name: str) -> bool:
+    """Hidden folders, and the resource-fork copies macOS's Finder adds to every zip it makes."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def dataset_cases(settings: DatasetSettings, root: Path) -> list[tuple[CaseRef, str]]:

@@ -10,9 +10,10 @@ that grid (C order, as ``np.put`` uses it in the challenge's ``provided_code``) 
 ``dose``, a value; mask CSVs (``possible_dose_mask`` and the structures) leave the data column empty.
 Voxels not listed are 0.
 
-Values: ``dose`` is in Gy. ``ct`` holds HU + 1024 (the 12-bit scanner convention, clipped to
-0…4095): unlisted voxels, 0, are air at −1024 HU; the air peak of the sample lies at ≈ 20 (−1004 HU), fat
-at ≈ 920 (−104 HU), soft tissue at ≈ 1050 — and the challenge winners' converter subtracts 1024 too.
+Values: ``dose`` is in Gy. ``ct`` holds HU + 1024, never below 0 (the sample's densest voxels, metal,
+reach 32,743): unlisted voxels, 0, are air at −1024 HU; the air peak of the sample lies at ≈ 20
+(−1004 HU), fat at ≈ 920 (−104 HU), soft tissue at ≈ 1050 — and the challenge winners' converter
+subtracts 1024 too.
 
 Axes. The challenge array ``raw[i, j, k]`` is (rows, columns, slices): ``i`` runs anterior→posterior,
 ``j`` patient right→left and ``k`` superior→inferior (checked on the sample: the mandible has smaller
@@ -34,6 +35,7 @@ official ``test-pats``, another site's patients) is a dataset root too: all its 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,9 @@ MARKER = "provided-data"
 GRID: tuple[int, int, int] = (128, 128, 128)
 GRID_SIZE = int(np.prod(GRID))
 CT_OFFSET = 1024.0  # ct.csv stores HU + 1024
+CT_STORED_MAX = 65535.0  # a 16-bit CT number; the sample's densest voxel (metal) is 32743
+MAX_DOSE_GY = 300.0  # far above any external-beam plan (the sample peaks at 72-80 Gy); cGy would be 100x
+SPACING_MM = (0.05, 50.0)  # plausible CT voxel dimensions in mm (the sample: 1.5-5.4)
 
 OARS: tuple[str, ...] = (
     "Brainstem",
@@ -78,6 +83,7 @@ TASKS: dict[str, Task] = {
 }
 
 _PATIENT = re.compile(r"pt_(\d+)")
+_KNOWN_CSVS = {name.lower(): name for name in (*REQUIRED, *STRUCTURES)}
 _ONE_THREAD = pa_csv.ReadOptions(use_threads=False)
 
 
@@ -144,9 +150,13 @@ def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
             (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_patient_key
         )
         for patient in patients:
-            for name in REQUIRED:
-                if not (patient / f"{name}.csv").is_file():
-                    raise CtanError(patient / f"{name}.csv", "missing (every OpenKBP patient needs it)")
+            if not _PATIENT.fullmatch(patient.name):
+                raise CtanError(
+                    patient,
+                    "not an OpenKBP patient folder name (pt_<number>); a copy such as 'pt_40 copy' would "
+                    "be read as one more patient: rename or remove it",
+                )
+            _csv_files(patient)  # every required file there, every name known
             refs.append(CaseRef(patient.name, split))
     if not refs:
         raise CtanError(Path(root) / MARKER, "no patient folders (pt_*) found")
@@ -167,11 +177,17 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
     """
     if not path.is_file():
         raise CtanError(path, "missing")
+    data = path.read_bytes()
+    for magic, kind in _COMPRESSED:
+        if data.startswith(magic):
+            raise CtanError(path, f"is {kind}, not a CSV: unpack it first")
+    if data and not data.endswith((b"\n", b"\r")):
+        raise CtanError(path, "ends inside a row (cut short?); a complete OpenKBP CSV ends with a line break")
     try:
-        table = pa_csv.read_csv(path, read_options=_ONE_THREAD)
+        table = pa_csv.read_csv(pa.py_buffer(data), read_options=_ONE_THREAD)
     except (pa.ArrowException, ValueError, UnicodeDecodeError) as err:
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        raise CtanError(path, f"not a readable OpenKBP CSV: {lines[-1]}") from None
+        raise CtanError(path, f"not a readable OpenKBP CSV: {_printable(lines[-1])}") from None
     if table.column_names[1:] != ["data"]:
         raise CtanError(path, f"expected the header ',data', found columns {table.column_names[1:]}")
     index, column = table.column(0), table.column(1)
@@ -198,6 +214,41 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
     if np.isinf(values).any():
         raise CtanError(path, "infinite values")
     return indices, values
+
+
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip-compressed"),
+    (b"PK\x03\x04", "a zip archive"),
+    (b"BZh", "bzip2-compressed"),
+)
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """A parser's message fit for one terminal line: a binary file's bytes can end up in it."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _csv_files(folder: Path) -> dict[str, Path]:
+    """{name: path} of a patient's CSVs, each required one present and every name known.
+
+    Names are matched exactly, as the release spells them; a name that differs only in case
+    (``Brainstem.CSV``, ``brainstem.csv``) is an error with the fix, not a structure silently missing.
+    """
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() != ".csv" or not path.is_file():
+            continue
+        name = _KNOWN_CSVS.get(path.stem.lower())
+        if name is None:
+            raise CtanError(path, f"unknown structure {path.stem!r}; OpenKBP has {', '.join(STRUCTURES)}")
+        if path.name != f"{name}.csv":
+            raise CtanError(path, f"file names are case-sensitive: rename it to {name}.csv")
+        out[name] = path
+    for name in REQUIRED:
+        if name not in out:
+            raise CtanError(folder / f"{name}.csv", "missing (every OpenKBP patient needs it)")
+    return out
 
 
 def _all_different(indices: np.ndarray) -> bool:
@@ -235,13 +286,21 @@ def read_spacing(path: Path) -> tuple[float, float, float]:
     if not path.is_file():
         raise CtanError(path, "missing")
     try:
-        dims = np.loadtxt(path, dtype=np.float64, ndmin=1)
+        with warnings.catch_warnings():  # numpy warns about an empty file; the size check says it
+            warnings.simplefilter("ignore")
+            dims = np.loadtxt(path, dtype=np.float64, ndmin=1, encoding="utf-8-sig")
     except ValueError as err:
-        raise CtanError(path, f"not three numbers: {err}") from None
+        raise CtanError(path, f"not three numbers: {_printable(str(err))}") from None
     if dims.shape != (3,):
         raise CtanError(path, f"expected three voxel dimensions, found {dims.size}")
     if not np.all(np.isfinite(dims)) or np.any(dims <= 0):
         raise CtanError(path, f"voxel dimensions must be positive, found {dims.tolist()}")
+    low, high = SPACING_MM
+    if np.any(dims < low) or np.any(dims > high):
+        raise CtanError(
+            path,
+            f"voxel dimensions {dims.tolist()} are not CT voxel sizes in mm ({low}-{high}); metres or cm?",
+        )
     return float(dims[2]), float(dims[0]), float(dims[1])
 
 
@@ -259,32 +318,40 @@ def patient_folder(root: Path, ref: CaseRef) -> Path:
     return folders[ref.split] / ref.case_id
 
 
+def _listing(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`read_sparse` of a file that must list voxels: an empty CT, dose or possible-dose mask is a
+    broken export (an empty structure file is not: the structure may be absent)."""
+    idx, values = read_sparse(path, with_values)
+    if not len(idx):
+        raise CtanError(path, "lists no voxels")
+    return idx, values if values is not None else np.empty(0)
+
+
 def read_case(root: Path, ref: CaseRef) -> Case:
     """One patient: CT (HU), dose (Gy), possible-dose mask and the ten structure channels, in (z, y, x)."""
     folder = patient_folder(root, ref)
     if not folder.is_dir():
         raise CtanError(folder, "patient folder not found")
-    csvs = {p.stem: p for p in folder.glob("*.csv") if not p.name.startswith(".")}
-    unknown = sorted(set(csvs) - set(REQUIRED) - set(STRUCTURES))
-    if unknown:
-        raise CtanError(
-            csvs[unknown[0]], f"unknown structure {unknown[0]!r}; OpenKBP has {', '.join(STRUCTURES)}"
-        )
-    for name in REQUIRED:
-        if name not in csvs:
-            raise CtanError(folder / f"{name}.csv", "missing (every OpenKBP patient needs it)")
+    csvs = _csv_files(folder)
 
     spacing = read_spacing(csvs["voxel_dimensions"])
-    idx, values = read_sparse(csvs["ct"], with_values=True)
-    if not len(idx):
-        raise CtanError(csvs["ct"], "lists no voxels")
+    idx, values = _listing(csvs["ct"], with_values=True)
+    if values.min() < 0 or values.max() > CT_STORED_MAX:
+        bad = values.min() if values.min() < 0 else values.max()
+        raise CtanError(
+            csvs["ct"],
+            f"CT value {bad:g} outside 0-{CT_STORED_MAX:g}: ct.csv holds HU + 1024 (0 is -1024 HU); "
+            "a CT in HU must be shifted by +1024 first",
+        )
     ct = np.full(GRID_SIZE, -CT_OFFSET, dtype=np.float32)
     ct = _dense(idx, values - CT_OFFSET, np.float32, out=ct)
-    idx, values = read_sparse(csvs["dose"], with_values=True)
-    if len(values) and values.min() < 0:
+    idx, values = _listing(csvs["dose"], with_values=True)
+    if values.min() < 0:
         raise CtanError(csvs["dose"], f"negative dose {values.min():g} Gy")
+    if values.max() > MAX_DOSE_GY:
+        raise CtanError(csvs["dose"], f"dose up to {values.max():g}: doses are in Gy (is this file in cGy?)")
     dose = _dense(idx, values, np.float32)
-    idx, _ = read_sparse(csvs["possible_dose_mask"], with_values=False)
+    idx, _ = _listing(csvs["possible_dose_mask"], with_values=False)
     possible = _dense(idx, 1, np.uint8)
 
     structures = np.zeros((len(STRUCTURES), GRID[2], GRID[0], GRID[1]), dtype=np.uint8)
