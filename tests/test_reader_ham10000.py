@@ -141,8 +141,43 @@ def test_split_file_with_unknown_split_is_refused(tiny: Path) -> None:
 def test_synthetic_case_reads(tiny: Path) -> None:
     case = ham10000.read_case(tiny, CaseRef("ISIC_0002", "train"))
     assert case.image.shape == (3, 6, 8)
-    assert case.dense["lesion"][0].tolist() == [[0] * 8] + [[0, 0, 1, 1, 1, 0, 0, 0]] * 3 + [[0] * 8] * 2
+    assert case.dense["lesion"][0].tolist() == LESION
     assert case.labels == {"diagnosis": 1}
+
+
+LESION = [[0] * 8] + [[0, 0, 1, 1, 1, 0, 0, 0]] * 3 + [[0] * 8] * 2  # write_dataset's lesion, image grid
+
+
+def mask_variant(kind: str) -> Image.Image:
+    """write_dataset's mask as users' copies of HAM10000 come: other values, noise, colour."""
+    on = np.zeros((18, 24), dtype=bool)
+    on[3:12, 6:15] = True
+    grey = on.astype(np.uint8)
+    if kind == "0/1 with a stray 2":
+        grey[0, 0] = 2
+        return Image.fromarray(grey)
+    if kind == "0/1":
+        return Image.fromarray(grey)
+    if kind == "noisy 0/255":  # as a JPEG round trip leaves it: the background not quite 0
+        return Image.fromarray(np.where(on, 250, np.arange(on.size).reshape(on.shape) % 4).astype(np.uint8))
+    rgb = np.zeros((*on.shape, 3), dtype=np.uint8)
+    rgb[on] = (255, 0, 0)  # "red lesion": grey 76, below a fixed cut at 127
+    return Image.fromarray(rgb)
+
+
+@pytest.mark.parametrize("kind", ["0/1", "0/1 with a stray 2", "noisy 0/255", "red lesion"])
+def test_masks_in_other_values_give_the_same_lesion(tiny: Path, kind: str) -> None:
+    mask_variant(kind).save(tiny / ham10000.MASK_FOLDER / "ISIC_0002_segmentation.png")
+    assert ham10000.read_case(tiny, CaseRef("ISIC_0002", "train")).dense["lesion"][0].tolist() == LESION
+
+
+def test_empty_mask_is_refused(tiny: Path) -> None:
+    Image.fromarray(np.zeros((18, 24), dtype=np.uint8)).save(
+        tiny / ham10000.MASK_FOLDER / "ISIC_0003_segmentation.png"
+    )
+    with pytest.raises(CtanError, match="lesion mask is empty") as err:
+        ham10000.read_case(tiny, CaseRef("ISIC_0003", "train"))
+    assert_names(err, "ISIC_0003_segmentation.png")
 
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])

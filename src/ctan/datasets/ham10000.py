@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
+from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
 from ctan.datasets.base import Case, CaseRef, cached_per_file, read_table
@@ -154,6 +155,24 @@ def _load(path: Path, mode: str) -> np.ndarray:
         raise CtanError(path, f"not a readable image: {err}") from None
 
 
+def lesion_of(mask: np.ndarray, path: Path) -> np.ndarray:
+    """The lesion of a grey mask, split from the background at Otsu's threshold.
+
+    The release's masks are 0/255; users' copies come as 0/1, JPEG-noisy, anti-aliased or with a
+    coloured lesion (pure red is grey 76). A fixed cut at 127 lost a coloured lesion, and a 0/1 mask
+    with one stray 2 lost its whole lesion; Otsu's threshold separates all of these, and gives the
+    release's masks exactly what 127 did. An empty mask is refused: every HAM10000 image shows a lesion.
+    """
+    low, high = int(mask.min()), int(mask.max())
+    if high == 0:
+        raise CtanError(
+            path, "lesion mask is empty (every HAM10000 image shows a lesion): wrong or blank file?"
+        )
+    if low == high:
+        return np.ones(mask.shape, dtype=bool)
+    return mask > threshold_otsu(mask)
+
+
 def read_case(root: Path, ref: CaseRef) -> Case:
     """One image: RGB (3, H, W) uint8, lesion mask (1, H, W) 0/1 on the image grid, diagnosis label."""
     root = Path(root)
@@ -167,7 +186,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     mh, mw = mask.shape
     if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
         raise CtanError(mask_file, f"mask is {mw}x{mh} but the image is {w}x{h}: not the same picture")
-    lesion = mask > (127 if mask.max() > 1 else 0)
+    lesion = lesion_of(mask, mask_file)
     if (mh, mw) != (h, w):
         lesion = resize(lesion, (h, w), order=0, preserve_range=True, anti_aliasing=False)
     return Case(
