@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,17 @@ def test_a_model_without_its_record_is_refused(tmp_path):
     (path.parent / "model.pt.sha256").unlink()
     with pytest.raises(CtanError, match="no recorded SHA-256"):
         checkpoint.verify(path)
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "cut in half"])
+def test_a_damaged_model_with_a_matching_record_is_refused_naming_the_file(tmp_path, damage):
+    """The record only says the file is what training wrote; a file damaged before its record was
+    re-made (or a foreign file with its own record) must still fail as a CtanError, not a traceback."""
+    path = _model(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(20_000) if damage == "random bytes" else data[: len(data) // 2])
+    checkpoint.digest_path(path).write_text(f"{file_sha256(path)}  model.pt\n")
+    checkpoint.verify(path)
+    with pytest.raises(CtanError, match="not a readable checkpoint") as err:
+        checkpoint.load(path)
+    assert err.value.path == str(path)

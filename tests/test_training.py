@@ -226,3 +226,30 @@ def test_precision_and_memory_format_options(prepared):
             assert last_record[split][task] == pytest.approx(loss, rel=1e-4), (split, task)
     _, record = run(precision="bf16")
     assert all(torch.isfinite(torch.tensor(v)) for v in record["train_loss"].values())
+
+
+def test_evaluate_refuses_a_model_of_another_architecture(prepared):
+    """The hash record travels with a copied model.pt, so the model's own configuration decides: an HPS
+    model copied into ctan's (or an STL network's) folder must not be scored and filed as that."""
+    import shutil
+
+    from ctan.errors import CtanError
+    from ctan.evaluation import load_models
+    from ctan.layout import model_dir
+
+    torch.set_num_threads(1)
+    params = _params(prepared, 1)
+    settings = dataset_settings(params, "ham10000_demo")
+    source = train(params, "ham10000_demo", "hps", 7)[0]
+    for arch, task, expected in [
+        ("ctan", None, "the ctan model of lesion, diagnosis"),
+        ("stl", "lesion", "the stl model of lesion "),
+    ]:
+        target = model_dir(settings, arch, 7, task)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("model.pt", "model.pt.sha256"):
+            shutil.copy(source / name, target / name)
+        with pytest.raises(CtanError, match=f"holds a hps model of lesion, diagnosis, not {expected}") as err:
+            load_models(settings, arch, 7, torch.device("cpu"))
+        assert err.value.path == str(target / "model.pt")
+    assert set(load_models(settings, "hps", 7, torch.device("cpu"))[0]) == set(settings.tasks)

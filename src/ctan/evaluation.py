@@ -37,20 +37,31 @@ def load_models(
     """{task name: model}; an MTL model serves all its tasks, STL has one model per task."""
     from ctan.models import build_model
 
-    paths = {
-        t or "*": model_dir(settings, arch, seed, t) / "model.pt" for t in networks(arch, settings.tasks)
-    }
+    paths = {t: model_dir(settings, arch, seed, t) / "model.pt" for t in networks(arch, settings.tasks)}
     models: dict[str, torch.nn.Module] = {}
     hashes = {}
-    for path in paths.values():
+    for network, path in paths.items():
         if not path.is_file():
             raise CtanError(
                 path, f"missing; run `ctan train --dataset {settings.name} --arch {arch} --seed {seed}`"
             )
         checkpoint.verify(path)  # against the SHA-256 recorded at training time, before anything loads
         state = checkpoint.load(path)
-        cfg = state["model_config"]
-        tasks = [Task.from_dict(t) for t in state["tasks"]]
+        try:
+            cfg = state["model_config"]
+            tasks = [Task.from_dict(t) for t in state["tasks"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CtanError(path, f"not a ctan model file (no {err}); retrain it") from None
+        # The hash file travels with a copied model, so only the model can say what it is: results
+        # are filed under --arch, and a copied file would put another architecture's scores there.
+        expected = [network] if network else list(settings.tasks)
+        held = [t.name for t in tasks]
+        if cfg.get("arch") != arch or held != expected:
+            raise CtanError(
+                path,
+                f"holds a {cfg.get('arch')} model of {', '.join(held)}, not the {arch} model of "
+                f"{', '.join(expected)} this run evaluates (copied from another run?); retrain it",
+            )
         model = build_model(
             cfg["arch"],
             tasks,

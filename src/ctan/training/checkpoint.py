@@ -36,7 +36,14 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The saved dictionary; a damaged or foreign file is a `CtanError` naming it."""
+    try:
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a damaged file raises any of UnpicklingError, RuntimeError, EOFError, ...
+        raise CtanError(path, f"not a readable checkpoint ({type(err).__name__}); retrain it") from None
+    if not isinstance(saved, dict):
+        raise CtanError(path, "not a ctan checkpoint (no dictionary inside); retrain it")
+    return saved
 
 
 def digest_path(path: Path) -> Path:
