@@ -260,3 +260,37 @@ def test_shape_mismatch_with_the_ct_is_refused(tiny: Path, name: str) -> None:
     with pytest.raises(CtanError, match=r"shape \(6, 5, 3\) differs from the CT's \(6, 5, 4\)") as err:
         nifti_cases.read_case(tiny, CaseRef("b", "train"))
     assert_names(err, f"{name}.nii.gz")
+
+
+def test_rgb_voxels_are_refused(tiny: Path) -> None:
+    rgb = np.zeros((6, 5, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, AFFINE), tiny / "cases" / "c" / "ct.nii.gz")
+    with pytest.raises(CtanError, match="RGB") as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "ct.nii.gz")
+
+
+def test_dose_in_cgy_is_refused(tiny: Path) -> None:
+    path = tiny / "cases" / "c" / "dose.nii.gz"
+    save(path, np.asarray(nib.load(path).dataobj) * 100 + 400, AFFINE)
+    with pytest.raises(CtanError, match="cGy") as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "dose.nii.gz")
+
+
+@pytest.mark.parametrize("other", ["ptv", "PTV "])
+def test_one_structure_spelled_two_ways_is_refused(tiny: Path, other: str) -> None:
+    """Not two channels, each 'absent' where the other spelling is used."""
+    masks = tiny / "cases" / "c" / "masks"
+    (masks / "PTV.nii.gz").rename(masks / f"{other}.nii.gz")
+    with pytest.raises(CtanError, match="spelled two ways|spaces") as err:
+        nifti_cases.structure_names(tiny)
+    assert_names(err, f"{other}.nii.gz")
+
+
+def test_a_mask_value_next_to_1_is_shown_in_full(tiny: Path) -> None:
+    """0.99999994 (float32 after resampling) must not read as "values other than 0 and 1 (1)"."""
+    path = tiny / "cases" / "c" / "masks" / "PTV.nii.gz"
+    save(path, np.asarray(nib.load(path).dataobj).astype(np.float32) * np.float32(0.99999994), AFFINE)
+    with pytest.raises(CtanError, match=r"\(0.99999994\)"):
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))

@@ -185,3 +185,20 @@ def test_split_file_overrides_and_is_checked(tiny: Path) -> None:
     with pytest.raises(CtanError, match="no split") as err:
         stoic.list_cases(tiny)
     assert_names(err, "split.csv")
+
+
+def test_sheared_direction_is_refused(tiny: Path) -> None:
+    """As the NIfTI reader refuses a sheared affine: (spacing, direction) cannot describe such a grid."""
+    image = tiny_image()
+    image.SetDirection((1, 0.3, 0, 0, 1, 0, 0, 0, 1))
+    sitk.WriteImage(image, str(tiny / "data" / "mha" / "7.mha"))
+    with pytest.raises(CtanError, match="sheared") as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")
+
+
+def test_a_bad_label_is_shown_as_written(tmp_path: Path) -> None:
+    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n7,1,2\n", {"7": tiny_image()})
+    with pytest.raises(CtanError, match=r"found 2 for patient 7") as err:
+        stoic.list_cases(root)
+    assert "np." not in str(err.value)

@@ -97,3 +97,41 @@ def cached_per_file(read: Callable[[Path], T]) -> Callable[[Path], T]:
         return by_version(str(path), stat.st_mtime_ns, stat.st_size)
 
     return cached
+
+
+SHEAR_TOLERANCE = 1e-4
+"""Largest |cosine| allowed between two voxel axes (float32 affines reach ~1e-7): a CT grid is a rotation
+times a scaling; more is a sheared (gantry-tilted) grid that (spacing, direction) cannot describe."""
+
+MAX_DOSE_GY = 300.0
+"""No external-beam plan comes near it (the OpenKBP sample peaks at 72-80 Gy): a dose above is in cGy."""
+
+
+def shear(linear: np.ndarray) -> float:
+    """Largest |cosine| between two voxel axes (columns) of a 3x3 matrix: 0 for a rotation times a
+    scaling, whatever the readers' axis order."""
+    linear = np.asarray(linear, dtype=float)
+    unit = linear / np.linalg.norm(linear, axis=0)
+    return float(np.abs(unit.T @ unit - np.eye(len(unit))).max())
+
+
+def check_orthogonal(linear: np.ndarray, path: Path) -> None:
+    """Refuse a sheared voxel grid, naming the file."""
+    skew = shear(linear)
+    if skew > SHEAR_TOLERANCE:
+        raise CtanError(
+            path,
+            f"the voxel grid is sheared (voxel axes not orthogonal: largest |cos| between axes {skew:.3g}); "
+            "resample the image onto an orthogonal grid first",
+        )
+
+
+def check_dose(dose: np.ndarray, path: Path) -> None:
+    """Refuse negative dose and dose in cGy (> `MAX_DOSE_GY`), naming the file; NaN is the reader's."""
+    if not dose.size:
+        return
+    low, high = float(dose.min()), float(dose.max())
+    if low < 0:
+        raise CtanError(path, f"negative dose {low:g} Gy")
+    if high > MAX_DOSE_GY:
+        raise CtanError(path, f"dose up to {high:g}: doses are in Gy (is this file in cGy?)")

@@ -33,7 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.base import Case, CaseRef, check_dose, check_orthogonal
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
 from ctan.tasks import DOSE, Task, structures_task
@@ -48,7 +48,6 @@ REQUIRED: tuple[str, ...] = ("ct", "dose")
 SPLIT_FILE = "split.csv"
 BODY_THRESHOLD_HU = -500.0
 AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
-SHEAR_TOLERANCE = 1e-4  # largest |cosine| between two voxel axes of an "orthogonal" grid (float32 affines)
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 TASKS: dict[str, Task] = {
@@ -93,12 +92,28 @@ def _case_folders(root: Path) -> list[Path]:
 
 @lru_cache(maxsize=8)
 def _structure_names_cached(root: str, signature: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
-    names: set[str] = set()
+    found: dict[str, Path] = {}  # name -> the first file of that name
     for case, _ in signature:
         masks = Path(root) / MARKER / case / "masks"
         if masks.is_dir():
-            names |= {n for n in map(_nifti_name, os.listdir(masks)) if n}
-    return tuple(sorted(names))
+            for entry in sorted(os.scandir(masks), key=lambda e: e.name):
+                name = _nifti_name(entry.name)
+                if name and entry.is_file():
+                    found.setdefault(name, Path(entry.path))
+    # One structure spelled two ways would become two channels, each "absent" where the other is used,
+    # and neither scored there: refused, as a name with stray spaces is.
+    spelled: dict[str, str] = {}
+    for name in sorted(found):
+        if name != name.strip():
+            raise CtanError(found[name], f"structure name {name!r} has leading or trailing spaces: rename it")
+        other = spelled.setdefault(name.casefold(), name)
+        if other != name:
+            raise CtanError(
+                found[name],
+                f"structure {name!r} differs from {other!r} ({found[other]}) only in case: "
+                "the same structure spelled two ways? use one name in every case",
+            )
+    return tuple(sorted(found))
 
 
 def structure_names(root: Path) -> list[str]:
@@ -148,21 +163,11 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
         raise CtanError(path, f"expected a 3D volume, found shape {image.shape}")
     if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise CtanError(path, "the affine is degenerate (zero spacing or not finite)")
-    shear = _shear(image.affine)
-    if shear > SHEAR_TOLERANCE:
-        raise CtanError(
-            path,
-            f"the affine is sheared (voxel axes not orthogonal: largest |cos| between axes {shear:.3g}); "
-            "resample the case onto an orthogonal grid first",
-        )
+    check_orthogonal(image.affine[:3, :3], path)
+    if image.get_data_dtype().names:  # RGB(A) NIfTI: structured voxels
+        kinds = ", ".join(image.get_data_dtype().names)
+        raise CtanError(path, f"voxels hold {kinds} (RGB?); a CT, dose or mask has one value a voxel")
     return image
-
-
-def _shear(affine: np.ndarray) -> float:
-    """Largest |cosine| between two voxel axes of an affine: 0 for a rotation times a scaling."""
-    linear = np.asarray(affine, dtype=float)[:3, :3]
-    unit = linear / np.linalg.norm(linear, axis=0)
-    return float(np.abs(unit.T @ unit - np.eye(3)).max())
 
 
 def _binary(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
@@ -171,7 +176,7 @@ def _binary(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
     bad = (data != 0) & (data != 1)
     if bad.any():
         values = np.unique(data[bad])
-        shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+        shown = ", ".join(f"{v:.9g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
         raise CtanError(
             path,
             f"not a binary mask: {int(bad.sum())} voxel(s) hold values other than 0 and 1 ({shown}); "
@@ -225,8 +230,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     dose = _zyx(dose_img, dose_path)
     if np.isnan(dose).any():
         raise CtanError(dose_path, f"{int(np.isnan(dose).sum())} voxel(s) are NaN")
-    if dose.min() < 0:
-        raise CtanError(dose_path, f"negative dose {float(dose.min()):g} Gy")
+    check_dose(dose, dose_path)
     sources = [ct_path, dose_path]
 
     pdm_path = _nifti_file(folder, "possible_dose_mask")

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from ctan.datasets.base import Case, CaseRef
+from ctan.datasets.base import Case, CaseRef, check_dose
 from ctan.errors import CtanError
 from ctan.tasks import DOSE, Task, structures_task
 
@@ -54,7 +54,6 @@ GRID: tuple[int, int, int] = (128, 128, 128)
 GRID_SIZE = int(np.prod(GRID))
 CT_OFFSET = 1024.0  # ct.csv stores HU + 1024
 CT_STORED_MAX = 65535.0  # a 16-bit CT number; the sample's densest voxel (metal) is 32743
-MAX_DOSE_GY = 300.0  # far above any external-beam plan (the sample peaks at 72-80 Gy); cGy would be 100x
 SPACING_MM = (0.05, 50.0)  # plausible CT voxel dimensions in mm (the sample: 1.5-5.4)
 
 OARS: tuple[str, ...] = (
@@ -346,10 +345,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     ct = np.full(GRID_SIZE, -CT_OFFSET, dtype=np.float32)
     ct = _dense(idx, values - CT_OFFSET, np.float32, out=ct)
     idx, values = _listing(csvs["dose"], with_values=True)
-    if values.min() < 0:
-        raise CtanError(csvs["dose"], f"negative dose {values.min():g} Gy")
-    if values.max() > MAX_DOSE_GY:
-        raise CtanError(csvs["dose"], f"dose up to {values.max():g}: doses are in Gy (is this file in cGy?)")
+    check_dose(values, csvs["dose"])
     dose = _dense(idx, values, np.float32)
     idx, _ = _listing(csvs["possible_dose_mask"], with_values=False)
     possible = _dense(idx, 1, np.uint8)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from ctan.datasets.base import Case, CaseRef, cached_per_file, read_table
+from ctan.datasets.base import Case, CaseRef, cached_per_file, check_orthogonal, read_table
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
 from ctan.tasks import Task, label_task
@@ -73,7 +73,8 @@ def _reference(path: Path) -> pd.DataFrame:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             value, patient = table[column].iloc[row], table["PatientID"].iloc[row]
-            raise CtanError(path, f"{column} must be 0 or 1, found {value!r} for patient {patient}")
+            shown = repr(value.item() if isinstance(value, np.generic) else value)
+            raise CtanError(path, f"{column} must be 0 or 1, found {shown} for patient {patient}")
         table[column] = values.astype(int)
     return table.set_index("PatientID")
 
@@ -135,6 +136,7 @@ def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...
     spacing, origin, direction = read_geometry(reader)
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise CtanError(path, f"voxel spacing must be positive, found {spacing} (z, y, x)")
+    check_orthogonal(np.reshape(direction, (3, 3)), path)
     try:
         image = reader.Execute()
     except RuntimeError as err:
