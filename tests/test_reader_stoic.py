@@ -125,12 +125,17 @@ def test_corrupt_mha_header_is_refused(tiny: Path) -> None:
     assert_names(err, "12.mha")
 
 
-def test_truncated_mha_data_is_refused(tiny: Path) -> None:
+def test_truncated_mha_data_is_refused(tiny: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """ITK's own explanation (printed from C++ on stderr) is the message, and nothing else reaches stderr:
+    its exception said "No such file or directory" for a file that is there."""
     path = tiny / "data" / "mha" / "12.mha"
     path.write_bytes(path.read_bytes()[:-30])
-    with pytest.raises(CtanError, match="unreadable image data") as err:
+    capfd.readouterr()
+    with pytest.raises(CtanError, match="unreadable image data: .*not read completely.*cut short") as err:
         stoic.read_case(tiny, CaseRef("12", "train"))
     assert_names(err, "12.mha")
+    assert "No such file" not in str(err.value)
+    assert capfd.readouterr().err == ""
 
 
 def test_missing_mha_for_a_reference_row_is_refused(tiny: Path) -> None:
@@ -202,3 +207,13 @@ def test_a_bad_label_is_shown_as_written(tmp_path: Path) -> None:
     with pytest.raises(CtanError, match=r"found 2 for patient 7") as err:
         stoic.list_cases(root)
     assert "np." not in str(err.value)
+
+
+def test_a_singular_direction_is_refused(tiny: Path) -> None:
+    path = tiny / "data" / "mha" / "7.mha"
+    data = path.read_bytes()
+    line = next(x for x in data.split(b"\n") if x.startswith(b"TransformMatrix"))
+    path.write_bytes(data.replace(line, b"TransformMatrix = 1 0 0 1 0 0 0 0 1"))
+    with pytest.raises(CtanError, match="not orthogonal") as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")

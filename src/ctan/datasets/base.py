@@ -111,7 +111,10 @@ def shear(linear: np.ndarray) -> float:
     """Largest |cosine| between two voxel axes (columns) of a 3x3 matrix: 0 for a rotation times a
     scaling, whatever the readers' axis order."""
     linear = np.asarray(linear, dtype=float)
-    unit = linear / np.linalg.norm(linear, axis=0)
+    norms = np.linalg.norm(linear, axis=0)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        return float("inf")  # a zero or undefined axis: no grid at all
+    unit = linear / norms
     return float(np.abs(unit.T @ unit - np.eye(len(unit))).max())
 
 

@@ -19,7 +19,13 @@ parameters, stratified by (covid, severity).
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -29,6 +35,8 @@ from ctan.datasets.base import Case, CaseRef, cached_per_file, check_orthogonal,
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
 from ctan.tasks import Task, label_task
+
+T = TypeVar("T")
 
 FORMAT = "stoic"
 SPATIAL_DIMS = 3
@@ -123,10 +131,7 @@ def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...
         raise CtanError(path, "missing")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise CtanError(path, f"unreadable image header: {_itk_message(err)}") from None
+    _itk(reader.ReadImageInformation, path, "header")
     if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
         raise CtanError(
             path,
@@ -137,19 +142,58 @@ def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise CtanError(path, f"voxel spacing must be positive, found {spacing} (z, y, x)")
     check_orthogonal(np.reshape(direction, (3, 3)), path)
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise CtanError(path, f"unreadable image data: {_itk_message(err)}") from None
+    image = _itk(reader.Execute, path, "data")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
     return array, spacing, origin, direction
 
 
-def _itk_message(err: RuntimeError) -> str:
-    """ITK's last informative line, without the C++ source location."""
+def _itk(call: Callable[[], T], path: Path, part: str) -> T:
+    """Run an ITK read; a failure is a `CtanError` with ITK's own explanation.
+
+    ITK's MetaImage reader explains a failure on the process's stderr (from C++, past Python's
+    sys.stderr) and raises an exception that says something else ("No such file or directory" for a
+    file cut short), so that stream is collected while ITK reads and used for the message.
+    """
+    failure: RuntimeError | None = None
+    with _stderr_lines() as said:
+        try:
+            return call()
+        except RuntimeError as err:
+            failure = err
+    raise CtanError(path, f"unreadable image {part}: {_itk_message(failure, said)}") from None
+
+
+@contextmanager
+def _stderr_lines() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 inside the block, as stripped lines (empty if fd 2 is shut)."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield lines
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace")
+            lines += [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _itk_message(err: RuntimeError | None, said: list[str]) -> str:
+    """What ITK printed if anything (MetaImage: "data not read completely ideal = N : actual = M"), else
+    its exception's error line without the C++ source location and object address."""
+    if said:
+        hint = " (file cut short?)" if any("not read completely" in line for line in said) else ""
+        return " ".join(said)[:200] + hint
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    message = lines[-1] if lines else "unknown error"
-    return message.split("ERROR: ")[-1][:200]
+    message = next((line for line in lines if "ERROR: " in line), lines[-1] if lines else "unknown error")
+    return re.sub(r"^\w+\(0x[0-9a-f]+\): ", "", message.split("ERROR: ")[-1])[:200]
 
 
 def read_case(root: Path, ref: CaseRef) -> Case:
