@@ -253,3 +253,28 @@ def test_an_old_summary_without_the_new_columns_is_refused_in_one_line(run, caps
     assert main(["audit", "results/summary.csv"]) == 2
     (err,) = capsys.readouterr().err.splitlines()
     assert "results/summary.csv" in err and "metrics_sha256" in err and "ctan summarize" in err
+
+
+def test_a_data_hash_edited_in_summary_csv_is_that_rows_edit(run, capsys):
+    """The data are what the other rows record: the edited row is named, and the summary rebuilt, not
+    the preprocessed data (which every row would otherwise have been reported as changed against)."""
+    rows = _rows()
+    text = Path("results/summary.csv").read_text().splitlines()
+    fields = next(csv.reader([text[1]]))
+    fields[list(rows[0]).index("data_hash")] = "0" * 32 + ".dir"
+    text[1] = ",".join(fields)
+    Path("results/summary.csv").write_text("\n".join(text) + "\n")
+
+    code, lines = _audit(capsys)
+    assert code == 1
+    (changed,) = _changed(lines)
+    assert changed.startswith("CHANGED line 2:") and "data_hash 00000000" in changed
+    assert not [line for line in lines if line.startswith(f"FILE {rows[0]['data_path']}")], lines
+    assert "--forcerun results/summary.csv" in _rebuild(lines)
+
+
+def test_a_summary_that_is_not_text_is_refused_in_one_line(run, capsys):
+    Path("results/summary.csv").write_bytes(b"\xff\xfe\x00garbage\x81\n")
+    assert main(["audit", "results/summary.csv"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "not a summary CSV" in err[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,10 @@ class _Audit:
         for data_path, lines in self.by("data_path").items():
             now = dvc_md5(Path(data_path)) if Path(data_path).is_dir() else _MISSING
             recorded = {self.rows[i - 2]["data_hash"] for i in lines}
+            if now in recorded:
+                # The data are what (some) rows record: any other value is an edit of those rows, which
+                # `recompute` names, not a change of the data.
+                continue
             if {now} != recorded:
                 was = ", ".join(sorted(h[:12] for h in recorded))
                 problem = f"content changed (DVC md5 {was} -> {now[:12]}){_arrays_changed(data_path)}"
@@ -166,21 +171,22 @@ class _Audit:
         key_columns = ("row_type", "dataset", "architecture", "seed", "task", "metric")
         summary = str(self.summary)
         for dataset, lines in self.by("dataset").items():
-            first = self.rows[lines[0] - 2]
             archs = list(dict.fromkeys(self.rows[i - 2]["architecture"] for i in lines))
             seeds = list(
                 dict.fromkeys(
                     int(self.rows[i - 2]["seed"]) for i in lines if self.rows[i - 2]["row_type"] == "metric"
                 )
             )
+            # What most rows record: one edited row must not make every other row look changed.
             where = {
-                k: first[k] for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash")
+                k: Counter(self.rows[i - 2][k] for i in lines).most_common(1)[0][0]
+                for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash")
             }
             docs: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
             unreadable = []
             for arch in archs:
                 for seed in seeds:
-                    path = metrics_path(Path(first["results_path"]), arch, seed)
+                    path = metrics_path(Path(where["results_path"]), arch, seed)
                     try:
                         docs[arch, seed] = path, json.loads(path.read_text())
                     except (OSError, ValueError):
@@ -244,8 +250,12 @@ def audit(summary: Path) -> int:
 
     if not summary.is_file():
         raise CtanError(summary, "not found; run `snakemake --cores 8 results/summary.csv` first")
-    with open(summary, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(summary, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as err:
+        kind = type(err).__name__
+        raise CtanError(summary, f"not a summary CSV ({kind}); rebuild it with `ctan summarize`") from None
     if not rows:
         raise CtanError(summary, "has no rows; rebuild it with `ctan summarize`")
     missing = [c for c in COLUMNS if c not in rows[0]]
