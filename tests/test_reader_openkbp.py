@@ -462,3 +462,12 @@ def test_dataset_deeper_than_the_search_says_so(tmp_path: Path) -> None:
     write_patient(tmp_path / "a" / "b" / "c" / "d" / "e" / "provided-data" / "train-pats" / "pt_1")
     with pytest.raises(CtanError, match="4 levels .* `subdir`"):
         find_root(tmp_path, "openkbp")
+
+
+@pytest.mark.parametrize("name", ["Test-pats", "val-pats"])
+def test_an_unknown_split_folder_is_refused(synthetic_root: Path, name: str) -> None:
+    """Its patients would otherwise be left out without a word."""
+    write_patient(synthetic_root / "provided-data" / name / "pt_2")
+    with pytest.raises(CtanError, match="not an OpenKBP split folder") as err:
+        openkbp.list_cases(synthetic_root)
+    assert_names(err, name)

@@ -130,6 +130,15 @@ def _split_folders(root: Path) -> dict[str, Path]:
         return {"test": Path(root)}
     if not data.is_dir():
         raise CtanError(data, "missing; an OpenKBP dataset root holds provided-data/ (or pt_* patients)")
+    known = [name for names in SPLIT_FOLDERS.values() for name in names]
+    for folder in sorted(data.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in known:
+            # Its patients would be left out without a word (a renamed Test-pats, a val-pats).
+            raise CtanError(
+                folder,
+                "not an OpenKBP split folder; the release's are train-pats, validation-pats (or valid-pats) "
+                "and test-pats: rename or remove it",
+            )
     out = {}
     for split, names in SPLIT_FOLDERS.items():
         for name in names:

@@ -135,7 +135,12 @@ def _refs_by_split(
         by_split[split].append(ref)
     empty = [s for s, r in by_split.items() if not r]
     if empty:
-        raise CtanError(raw_dir, f"no cases in split(s) {', '.join(empty)}; every split needs at least one")
+        raise CtanError(
+            raw_dir,
+            f"no cases in split(s) {', '.join(empty)}; every split needs at least one (with a computed "
+            "split: more cases, or other fractions in the dataset's `split`; a folder of test cases only "
+            "is an external test set: `external_of`)",
+        )
     return by_split
 
 
