@@ -294,3 +294,17 @@ def test_a_mask_value_next_to_1_is_shown_in_full(tiny: Path) -> None:
     save(path, np.asarray(nib.load(path).dataobj).astype(np.float32) * np.float32(0.99999994), AFFINE)
     with pytest.raises(CtanError, match=r"\(0.99999994\)"):
         nifti_cases.read_case(tiny, CaseRef("c", "train"))
+
+
+def test_a_file_without_orientation_is_refused(tiny: Path) -> None:
+    """qform and sform codes 0: nibabel would invent an LAS affine, mirroring the case left-right."""
+    path = tiny / "cases" / "c" / "ct.nii.gz"
+    image = nib.load(path)
+    bare = nib.Nifti1Image(np.asarray(image.dataobj), None)
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    nib.save(bare, path)
+    assert int(nib.load(path).header["sform_code"]) == 0
+    with pytest.raises(CtanError, match="qform and sform codes both 0") as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "ct.nii.gz")

@@ -164,6 +164,15 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
     if not np.all(np.isfinite(image.affine)) or abs(np.linalg.det(image.affine[:3, :3])) < 1e-12:
         raise CtanError(path, "the affine is degenerate (zero spacing or not finite)")
     check_orthogonal(image.affine[:3, :3], path)
+    header = image.header
+    if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        # nibabel then makes up an affine (LAS, origin at the centre): dose and CT mirrored left-right
+        # against a file that says where its voxels are. Analyze-era or stripped headers.
+        raise CtanError(
+            path,
+            "says nothing of where its voxels are (qform and sform codes both 0); write it with an "
+            "orientation (e.g. SimpleITK or nibabel with an affine, sform code 1 or 2)",
+        )
     if image.get_data_dtype().names:  # RGB(A) NIfTI: structured voxels
         kinds = ", ".join(image.get_data_dtype().names)
         raise CtanError(path, f"voxels hold {kinds} (RGB?); a CT, dose or mask has one value a voxel")
