@@ -249,3 +249,37 @@ def test_image_parts_folders_of_the_official_release_are_found(tiny: Path) -> No
     (tiny / "HAM10000_images" / "ISIC_0007.jpg").rename(part / "ISIC_0007.jpg")
     assert len(ham10000.list_cases(tiny)) == 40
     assert ham10000.read_case(tiny, CaseRef("ISIC_0007", "train")).sources[0] == part / "ISIC_0007.jpg"
+
+
+def test_a_16_bit_picture_is_refused(tiny: Path) -> None:
+    """Pillow clips a 16-bit grey image to 255 when making it RGB: the picture would be white."""
+    path = tiny / "HAM10000_images" / "ISIC_0003.jpg"
+    Image.fromarray(np.full((6, 8), 30000, dtype=np.uint16)).save(path, format="PNG")
+    with pytest.raises(CtanError, match="16/32-bit") as err:
+        ham10000.read_case(tiny, CaseRef("ISIC_0003", "train"))
+    assert_names(err, "ISIC_0003.jpg")
+
+
+def test_a_16_bit_mask_reads(tiny: Path) -> None:
+    mask = np.zeros((18, 24), dtype=np.uint16)
+    mask[3:12, 6:15] = 65535
+    Image.fromarray(mask).save(tiny / ham10000.MASK_FOLDER / "ISIC_0002_segmentation.png")
+    assert ham10000.read_case(tiny, CaseRef("ISIC_0002", "train")).dense["lesion"][0].tolist() == LESION
+
+
+@pytest.mark.parametrize("name", ["ISIC_0003.JPG", "ISIC_0003.png"])
+def test_a_picture_named_otherwise_is_pointed_at(tiny: Path, name: str) -> None:
+    folder = tiny / "HAM10000_images"
+    (folder / "ISIC_0003.jpg").rename(folder / name)
+    with pytest.raises(CtanError, match=f"found {name}: rename it") as err:
+        ham10000.list_cases(tiny)
+    assert_names(err, "ISIC_0003.jpg")
+
+
+def test_one_image_in_two_part_folders_is_refused(tiny: Path) -> None:
+    part = tiny / "HAM10000_images_part_2"
+    part.mkdir()
+    (part / "ISIC_0003.jpg").write_bytes((tiny / "HAM10000_images" / "ISIC_0003.jpg").read_bytes())
+    with pytest.raises(CtanError, match="also in HAM10000_images/") as err:
+        ham10000.list_cases(tiny)
+    assert_names(err, "ISIC_0003.jpg")

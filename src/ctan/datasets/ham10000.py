@@ -118,16 +118,26 @@ def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
 
 def _check_files(root: Path, image_ids: list[str]) -> None:
     """Every listed image needs its JPG and its mask; one directory listing per folder keeps this cheap."""
-    jpgs = set()
+    jpgs: dict[str, str] = {}  # file name -> the image folder holding it
     for folder in IMAGE_FOLDERS:
         if (root / folder).is_dir():
-            jpgs |= set(os.listdir(root / folder))
+            for name in sorted(os.listdir(root / folder)):
+                if name in jpgs:  # the release's part folders never share an image: which one is it?
+                    raise CtanError(root / folder / name, f"also in {jpgs[name]}/: keep one copy")
+                jpgs[name] = folder
     masks = set(os.listdir(root / MASK_FOLDER)) if (root / MASK_FOLDER).is_dir() else set()
     for image_id in image_ids:
         if f"{image_id}.jpg" not in jpgs:
-            raise CtanError(image_path(root, image_id), "missing (listed in HAM10000_metadata.csv)")
+            raise CtanError(image_path(root, image_id), _missing(image_id, set(jpgs)))
         if f"{image_id}_segmentation.png" not in masks:
-            raise CtanError(mask_path(root, image_id), "missing (listed in HAM10000_metadata.csv)")
+            raise CtanError(mask_path(root, image_id), _missing(f"{image_id}_segmentation", masks))
+
+
+def _missing(stem: str, names: set[str]) -> str:
+    """ "missing", with the file that is probably meant where one differs only in case or extension."""
+    near = sorted(n for n in names if n.rsplit(".", 1)[0].casefold() == stem.casefold())
+    hint = f"; found {near[0]}: rename it (file names and extensions are as released)" if near else ""
+    return f"missing (listed in HAM10000_metadata.csv){hint}"
 
 
 def image_path(root: Path, image_id: str) -> Path:
@@ -150,6 +160,8 @@ def _load(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if mode == "RGB" and im.mode in ("I", "I;16", "I;16B", "F"):  # RGB of them: clipped, white
+                raise CtanError(path, f"a {im.mode} (16/32-bit) image; HAM10000's are 8-bit: convert it")
             return np.asarray(im.convert(mode))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CtanError(path, f"not a readable image: {err}") from None
