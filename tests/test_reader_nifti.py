@@ -308,3 +308,18 @@ def test_a_file_without_orientation_is_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="qform and sform codes both 0") as err:
         nifti_cases.read_case(tiny, CaseRef("c", "train"))
     assert_names(err, "ct.nii.gz")
+
+
+def test_qform_and_sform_that_disagree_are_refused(tiny: Path) -> None:
+    """nibabel reads the sform, ITK-based tools often the qform: the case would sit elsewhere in each."""
+    path = tiny / "cases" / "c" / "ct.nii.gz"
+    image = nib.load(path)
+    moved = AFFINE.copy()
+    moved[0, 3] += 50.0
+    both = nib.Nifti1Image(np.asarray(image.dataobj), AFFINE)
+    both.set_qform(moved, code=1)
+    both.set_sform(AFFINE, code=2)
+    nib.save(both, path)
+    with pytest.raises(CtanError, match="qform and sform place the voxels up to 50 mm apart") as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "ct.nii.gz")

@@ -47,6 +47,7 @@ STRUCTURES: tuple[str, ...] = ()  # defined by the data: see structure_names(roo
 REQUIRED: tuple[str, ...] = ("ct", "dose")
 SPLIT_FILE = "split.csv"
 BODY_THRESHOLD_HU = -500.0
+XFORM_AGREEMENT_MM = 0.01  # qform (quaternion, float32) and sform of one file agree to ~1e-4 mm
 AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -165,6 +166,15 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
         raise CtanError(path, "the affine is degenerate (zero spacing or not finite)")
     check_orthogonal(image.affine[:3, :3], path)
     header = image.header
+    if "qform_code" in header and int(header["qform_code"]) > 0 and int(header["sform_code"]) > 0:
+        apart = float(np.abs(header.get_qform() - header.get_sform()).max())
+        if apart > XFORM_AGREEMENT_MM:
+            # nibabel reads the sform, ITK-based tools often the qform: the case would sit elsewhere in each.
+            raise CtanError(
+                path,
+                f"its qform and sform place the voxels up to {apart:.3g} mm apart; rewrite it with the "
+                "one that is right (or both equal)",
+            )
     if "qform_code" in header and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         # nibabel then makes up an affine (LAS, origin at the centre): dose and CT mirrored left-right
         # against a file that says where its voxels are. Analyze-era or stripped headers.
