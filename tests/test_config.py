@@ -26,6 +26,21 @@ def test_override_file_merges_deeply(tmp_path):
     assert params["training"]["batch_size"] == base["training"]["batch_size"]  # kept, not replaced
 
 
+def test_a_pinned_digest_in_capitals_is_the_same_setting(tmp_path):
+    """As `ctan download --sha256` takes it: pasting a digest in capitals changes neither the check nor
+    the parameters hash of the data."""
+    digests = {}
+    for case in ("lower", "upper"):
+        digest = "ab12" * 16
+        override = tmp_path / f"{case}.yaml"
+        override.write_text(
+            yaml.safe_dump({"datasets": {"ham10000_demo": {"sha256": getattr(digest, case)()}}})
+        )
+        digests[case] = dataset_settings(load_params([REPO / "params.yaml", override]), "ham10000_demo")
+    assert digests["upper"].sha256 == digests["lower"].sha256 == "ab12" * 16
+    assert digests["upper"].data_section == digests["lower"].data_section
+
+
 def test_invalid_parameter_names_the_key(tmp_path):
     override = tmp_path / "bad.yaml"
     override.write_text(yaml.safe_dump({"training": {"weighting": "magic"}}))

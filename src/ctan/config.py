@@ -183,6 +183,12 @@ class DatasetSettings:
         return {**section, "external_of": self.external_of} if self.external_of else section
 
 
+def _digest(sha256: str | None) -> str | None:
+    """A pinned SHA-256 as `ctan download --sha256` takes it too: either case, stored lower-case (the
+    parameters hash must not change with the case the digest was pasted in)."""
+    return sha256.lower() if isinstance(sha256, str) else sha256
+
+
 def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
     check_name("dataset", name)
     if name not in params["datasets"]:
@@ -200,7 +206,7 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
             training,
             name=name,
             source=ds["source"],
-            sha256=ds.get("sha256"),
+            sha256=_digest(ds.get("sha256")),
             subdir=ds.get("subdir"),
             demo=dict(ds.get("demo", {})),
             split={},
@@ -213,7 +219,7 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
         name=name,
         format=ds["format"],
         source=ds["source"],
-        sha256=ds.get("sha256"),
+        sha256=_digest(ds.get("sha256")),
         subdir=ds.get("subdir"),
         demo=dict(ds.get("demo", {})),
         tasks=tuple(ds["tasks"]),
