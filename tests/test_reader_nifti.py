@@ -323,3 +323,19 @@ def test_qform_and_sform_that_disagree_are_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="qform and sform place the voxels up to 50 mm apart") as err:
         nifti_cases.read_case(tiny, CaseRef("c", "train"))
     assert_names(err, "ct.nii.gz")
+
+
+@pytest.mark.parametrize(
+    ("ct", "message"),
+    [
+        (lambda hu: np.clip((hu + 1000) / 8, 0, 255).astype(np.uint8), "no voxel below 0 HU"),  # 8-bit
+        (lambda hu: (hu + 1024).astype(np.int16), "no voxel below 0 HU"),  # an offset left in
+        (lambda hu: (hu * 30).astype(np.int16), "below any scanner's"),  # a scale factor lost
+    ],
+)
+def test_a_ct_not_in_hounsfield_units_is_refused(tiny: Path, ct, message: str) -> None:
+    path = tiny / "cases" / "c" / "ct.nii.gz"
+    save(path, ct(np.asarray(nib.load(path).dataobj).astype(np.float32)), AFFINE)
+    with pytest.raises(CtanError, match=message) as err:
+        nifti_cases.read_case(tiny, CaseRef("c", "train"))
+    assert_names(err, "ct.nii.gz")

@@ -217,3 +217,12 @@ def test_a_singular_direction_is_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="not orthogonal") as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
+
+
+def test_a_ct_not_in_hounsfield_units_is_refused(tiny: Path) -> None:
+    """Stored with its +1024 offset (nothing below 0 HU): read as HU it would be 1024 HU too bright."""
+    image = sitk.GetImageFromArray(sitk.GetArrayFromImage(tiny_image()) + 1024)
+    sitk.WriteImage(image, str(tiny / "data" / "mha" / "7.mha"))
+    with pytest.raises(CtanError, match="no voxel below 0 HU") as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")

@@ -138,3 +138,26 @@ def check_dose(dose: np.ndarray, path: Path) -> None:
         raise CtanError(path, f"negative dose {low:g} Gy")
     if high > MAX_DOSE_GY:
         raise CtanError(path, f"dose up to {high:g}: doses are in Gy (is this file in cGy?)")
+
+
+HU_FLOOR = -4096.0
+"""Below any CT number a scanner writes (air is -1000 HU; out-of-field padding is at most -3024)."""
+
+
+def check_hu(ct: np.ndarray, path: Path) -> None:
+    """Refuse a CT that is not in Hounsfield units, naming the file: one with nothing below 0 HU (no air,
+    no fat: stored with an offset such as +1024, or as 8-bit) or with values below any scanner's floor
+    (byte order or scaling read wrong)."""
+    if not ct.size:
+        return
+    low = float(ct.min())
+    if low < HU_FLOOR:
+        raise CtanError(
+            path, f"CT values down to {low:g} HU, below any scanner's (air is -1000): byte order or scaling?"
+        )
+    if low >= 0:
+        raise CtanError(
+            path,
+            f"no voxel below 0 HU (lowest {low:g}; air is -1000 HU, fat about -100): not in HU? "
+            "(stored with an offset such as +1024, or as 8-bit)",
+        )

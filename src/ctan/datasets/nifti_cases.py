@@ -33,7 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ctan.datasets.base import Case, CaseRef, check_dose, check_orthogonal
+from ctan.datasets.base import Case, CaseRef, check_dose, check_hu, check_orthogonal
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
 from ctan.tasks import DOSE, Task, structures_task
@@ -243,6 +243,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     ct = _zyx(ct_img, ct_path)
     if not np.isfinite(ct).all():
         raise CtanError(ct_path, f"{int((~np.isfinite(ct)).sum())} voxel(s) are NaN or infinite")
+    check_hu(ct, ct_path)
 
     dose_img = _load(dose_path)
     _check_same_grid(ct_img, dose_img, dose_path)

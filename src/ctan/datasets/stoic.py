@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from ctan.datasets.base import Case, CaseRef, cached_per_file, check_orthogonal, read_table
+from ctan.datasets.base import Case, CaseRef, cached_per_file, check_hu, check_orthogonal, read_table
 from ctan.datasets.splits import assign_splits, read_split_file
 from ctan.errors import CtanError
 from ctan.tasks import Task, label_task
@@ -144,6 +144,7 @@ def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...
     check_orthogonal(np.reshape(direction, (3, 3)), path)
     image = _itk(reader.Execute, path, "data")
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    check_hu(array, path)
     return array, spacing, origin, direction
 
 
