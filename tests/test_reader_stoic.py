@@ -226,3 +226,10 @@ def test_a_ct_not_in_hounsfield_units_is_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="no voxel below 0 HU") as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
+
+
+def test_severe_without_covid_is_refused(tmp_path: Path) -> None:
+    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n7,0,1\n", {"7": tiny_image()})
+    with pytest.raises(CtanError, match="patient 7 is severe .* without COVID-19") as err:
+        stoic.list_cases(root)
+    assert_names(err, "reference.csv")

@@ -84,6 +84,11 @@ def _reference(path: Path) -> pd.DataFrame:
             shown = repr(value.item() if isinstance(value, np.generic) else value)
             raise CtanError(path, f"{column} must be 0 or 1, found {shown} for patient {patient}")
         table[column] = values.astype(int)
+    # Severity is graded among COVID-19 patients (the 2,000 released rows: no severe case without it).
+    inconsistent = table[(table["probSevere"] == 1) & (table["probCOVID"] == 0)]
+    if len(inconsistent):
+        patient = inconsistent["PatientID"].iloc[0]
+        raise CtanError(path, f"patient {patient} is severe (probSevere 1) without COVID-19 (probCOVID 0)")
     return table.set_index("PatientID")
 
 
