@@ -471,3 +471,10 @@ def test_an_unknown_split_folder_is_refused(synthetic_root: Path, name: str) -> 
     with pytest.raises(CtanError, match="not an OpenKBP split folder") as err:
         openkbp.list_cases(synthetic_root)
     assert_names(err, name)
+
+
+def test_a_semicolon_separated_csv_says_so(synthetic_root: Path) -> None:
+    write_patient(synthetic_root / "provided-data" / "train-pats" / "pt_1", dose=";data\n130;70.5\n")
+    with pytest.raises(CtanError, match="separated by ';'") as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, "dose.csv")

@@ -97,7 +97,9 @@ def dataset_tasks(settings: DatasetSettings, manifest: dict[str, Any], only: str
     for name in names:
         if name not in reader.TASKS:
             raise CtanError(
-                None, f"format {settings.format} offers no task {name!r} ({', '.join(reader.TASKS)})"
+                None,
+                f"datasets.{settings.name}.tasks: format {settings.format} offers no task {name!r} "
+                f"({', '.join(reader.TASKS)})",
             )
         task = reader.TASKS[name]
         if task.target == "structures":

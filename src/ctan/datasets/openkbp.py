@@ -197,7 +197,9 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
         lines = str(err).strip().splitlines() or [type(err).__name__]
         raise CtanError(path, f"not a readable OpenKBP CSV: {_printable(lines[-1])}") from None
     if table.column_names[1:] != ["data"]:
-        raise CtanError(path, f"expected the header ',data', found columns {table.column_names[1:]}")
+        found = table.column_names
+        hint = "; separated by ';' instead of ','?" if b";" in data[:200] else ""
+        raise CtanError(path, f"expected the header ',data', found columns {found}{hint}")
     index, column = table.column(0), table.column(1)
     if not table.num_rows:
         return np.empty(0, dtype=np.int64), (np.empty(0) if with_values else None)

@@ -219,7 +219,11 @@ def preprocess_dataset(
     unknown = [t for t in settings.tasks if t not in reader.TASKS]
     if unknown:
         offered = ", ".join(reader.TASKS)
-        raise CtanError(None, f"format {settings.format} offers no task {', '.join(unknown)} ({offered})")
+        raise CtanError(
+            None,
+            f"datasets.{settings.name}.tasks: format {settings.format} offers no task {', '.join(unknown)} "
+            f"({offered})",
+        )
     root = raw_dir / settings.subdir if settings.subdir else find_root(raw_dir, settings.format)
     if settings.external_of:
         if training is None or training.name != settings.external_of:
