@@ -598,3 +598,16 @@ def test_preprocess_is_guarded_against_other_parameters(tmp_path, capsys):
     store = SplitStore.open(pre / "train.zarr")
     assert store.array(store.case_ids[0], "image").shape == (3, 24, 24)
     assert sorted(p.name for p in pre.parent.iterdir()) == ["ham"]
+
+
+def test_a_split_without_a_class_is_noted():
+    """A small or skewed dataset's computed split can leave a diagnosis out of a split: said, not silent."""
+    from ctan.datasets import ham10000
+    from ctan.preprocess.pipeline import absent_classes
+
+    diagnosis = ham10000.TASKS["diagnosis"]
+    every = [{"diagnosis": i} for i in range(7)]
+    labels = {"train": every, "validation": every, "test": [{"diagnosis": 0}, {"diagnosis": 5}]}
+    (note,) = absent_classes(labels, [ham10000.TASKS["lesion"], diagnosis])
+    assert note.startswith("the test split has no diagnosis bcc, bkl, df, mel, vasc (2 cases)")
+    assert absent_classes({"train": every, "test": every}, [diagnosis]) == []

@@ -253,6 +253,7 @@ def preprocess_dataset(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     data = work / "data"
     entries: list[dict[str, Any]] = []
+    labels: dict[str, list[dict[str, int]]] = {}  # per split, each case's image-level labels
     channels: set[int] = set()
     source_spacings: list[list[float]] = []
     source_shapes: list[list[int]] = []
@@ -283,6 +284,7 @@ def preprocess_dataset(
                     source_shapes.append([int(n) for n in case.image.shape[1:]])
                     check_case(case, spatial_dims, root, spatial_dims == 3 or shape is None, names)
                     hashes = write_case(store, resample_case(case, spacing, shape), extra=source_attrs(case))
+                    labels.setdefault(split, []).append(dict(case.labels))
                     entries.append(case_entry(ref.case_id, split, source_hashes(case, raw_dir), hashes))
                     bar.update()
         manifest = build_manifest(
@@ -321,4 +323,29 @@ def preprocess_dataset(
         shutil.rmtree(work, ignore_errors=True)
     counts = ", ".join(f"{len(r)} {s}" for s, r in by_split.items())
     print(f"{out}: {total} cases ({counts}) in {time.perf_counter() - started:.1f} s")
+    for note in absent_classes(labels, [reader.TASKS[t] for t in settings.tasks]):
+        print(f"note: {note}")
     return out
+
+
+def absent_classes(labels: dict[str, list[dict[str, int]]], tasks: Sequence[Any]) -> list[str]:
+    """One line per split that lacks a class of an image-level task ({split: each case's labels}).
+
+    A computed split is stratified where the counts allow and plain random where they do not, so a
+    small or skewed dataset can leave a class out of a split: its recall then goes unmeasured there
+    (and a test split without it scores balanced accuracy over the other classes only).
+    """
+    notes = []
+    for task in tasks:
+        if task.kind != "classification":
+            continue
+        names = task.class_names or tuple(str(i) for i in range(task.classes))
+        for split, cases in labels.items():
+            seen = {case[task.name] for case in cases if task.name in case}
+            missing = [name for i, name in enumerate(names) if i not in seen]
+            if cases and missing:
+                notes.append(
+                    f"the {split} split has no {task.name} {', '.join(missing)} "
+                    f"({len(cases)} cases); a split.csv can place them"
+                )
+    return notes
