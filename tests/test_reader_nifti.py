@@ -339,3 +339,23 @@ def test_a_ct_not_in_hounsfield_units_is_refused(tiny: Path, ct, message: str) -
     with pytest.raises(CtanError, match=message) as err:
         nifti_cases.read_case(tiny, CaseRef("c", "train"))
     assert_names(err, "ct.nii.gz")
+
+
+@pytest.mark.parametrize("order", ["first axis flipped", "axes swapped and flipped"])
+def test_a_mask_in_another_voxel_order_on_the_same_grid_reads(real_root: Path, order: str) -> None:
+    """The same world grid stored in another voxel order (as some converters write masks) is the CT's
+    grid once read canonically: accepted, every voxel where the CT's own order puts it."""
+    folder = real_root / "cases" / "p01"
+    reference = nifti_cases.read_case(real_root, CaseRef("p01", "train"))
+    image = nib.load(folder / "masks" / "Bone.nii.gz")
+    data, n = np.asarray(image.dataobj), image.shape
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, n[0] - 1  # voxel i of the new file = voxel n0-1-i of the old
+    if order == "first axis flipped":
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data[::-1]), image.affine @ flip), image.get_filename())
+    else:
+        swap = np.eye(4)[:, [1, 0, 2, 3]]  # then the first two axes exchanged
+        moved = np.ascontiguousarray(data[::-1].transpose(1, 0, 2))
+        nib.save(nib.Nifti1Image(moved, image.affine @ flip @ swap), image.get_filename())
+    case = nifti_cases.read_case(real_root, CaseRef("p01", "train"))
+    np.testing.assert_array_equal(case.dense["structures"], reference.dense["structures"])

@@ -226,10 +226,23 @@ def geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], 
 def _check_same_grid(
     ct: nib.spatialimages.SpatialImage, other: nib.spatialimages.SpatialImage, path: Path
 ) -> None:
-    if other.shape != ct.shape:
+    """``other`` covers the CT's voxels. Compared as every file is read, reoriented to canonical: a mask
+    stored in another voxel order (LPS against the CT's RAS, say) over the same grid lands on the CT's
+    voxels exactly."""
+    (shape, affine), (ct_shape, ct_affine) = _canonical_grid(other), _canonical_grid(ct)
+    if shape != ct_shape:
         raise CtanError(path, f"shape {other.shape} differs from the CT's {ct.shape}")
-    if not np.allclose(other.affine, ct.affine, atol=AFFINE_TOLERANCE, rtol=0):
+    if not np.allclose(affine, ct_affine, atol=AFFINE_TOLERANCE, rtol=0):
         raise CtanError(path, "affine differs from the CT's: not on the CT grid (resample it first)")
+
+
+def _canonical_grid(image: nib.spatialimages.SpatialImage) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of ``nib.as_closest_canonical(image)``, from the header alone."""
+    ornt = nib.orientations.io_orientation(image.affine)
+    shape = [0] * len(ornt)
+    for axis, (new_axis, _) in enumerate(ornt):
+        shape[int(new_axis)] = int(image.shape[axis])
+    return tuple(shape), image.affine @ nib.orientations.inv_ornt_aff(ornt, image.shape)
 
 
 def read_case(root: Path, ref: CaseRef) -> Case:
