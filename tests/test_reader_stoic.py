@@ -158,27 +158,32 @@ def test_non_binary_labels_are_refused(tmp_path: Path, row: str) -> None:
 
 @pytest.mark.parametrize("spacing", [b"0 0.7 2.5", b"0.8 -0.7 2.5"])
 def test_zero_or_negative_spacing_is_refused(tiny: Path, spacing: bytes) -> None:
-    path = tiny / "data" / "mha" / "7.mha"
-    data = path.read_bytes()
-    header_end = data.index(b"ElementDataFile")
-    header = data[:header_end]
-    line = next(x for x in header.split(b"\n") if x.startswith(b"ElementSpacing"))
-    path.write_bytes(header.replace(line, b"ElementSpacing = " + spacing) + data[header_end:])
+    set_header_field(tiny / "data" / "mha" / "7.mha", b"ElementSpacing", spacing)
     with pytest.raises(CtanError, match="spacing must be positive") as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
 
 
-def test_reference_without_required_columns_is_refused(tmp_path: Path) -> None:
-    root = make_root(tmp_path, "PatientID,probCOVID\n7,1\n", {"7": tiny_image()})
-    with pytest.raises(CtanError, match="probSevere") as err:
-        stoic.list_cases(root)
-    assert_names(err, "reference.csv")
+def set_header_field(path: Path, field: bytes, value: bytes) -> None:
+    """Rewrite one line of an .mha header (the data after it untouched)."""
+    data = path.read_bytes()
+    header_end = data.index(b"ElementDataFile")
+    header = data[:header_end]
+    line = next(x for x in header.split(b"\n") if x.startswith(field))
+    path.write_bytes(header.replace(line, field + b" = " + value) + data[header_end:])
 
 
-def test_duplicate_patient_is_refused(tmp_path: Path) -> None:
-    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n7,1,0\n7,0,0\n", {"7": tiny_image()})
-    with pytest.raises(CtanError, match="listed twice") as err:
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("PatientID,probCOVID\n7,1\n", "probSevere"),  # a required column missing
+        ("PatientID,probCOVID,probSevere\n7,1,0\n7,0,0\n", "listed twice"),
+        ("PatientID,probCOVID,probSevere\n7,0,1\n", "patient 7 is severe .* without COVID-19"),
+    ],
+)
+def test_bad_reference_is_refused(tmp_path: Path, reference: str, message: str) -> None:
+    root = make_root(tmp_path, reference, {"7": tiny_image()})
+    with pytest.raises(CtanError, match=message) as err:
         stoic.list_cases(root)
     assert_names(err, "reference.csv")
 
@@ -192,12 +197,24 @@ def test_split_file_overrides_and_is_checked(tiny: Path) -> None:
     assert_names(err, "split.csv")
 
 
-def test_sheared_direction_is_refused(tiny: Path) -> None:
-    """As the NIfTI reader refuses a sheared affine: (spacing, direction) cannot describe such a grid."""
+def sheared() -> sitk.Image:
+    """(spacing, direction) cannot describe such a grid; the NIfTI reader refuses a sheared affine too."""
     image = tiny_image()
     image.SetDirection((1, 0.3, 0, 0, 1, 0, 0, 0, 1))
-    sitk.WriteImage(image, str(tiny / "data" / "mha" / "7.mha"))
-    with pytest.raises(CtanError, match="sheared") as err:
+    return image
+
+
+def offset_by_1024() -> sitk.Image:
+    """Nothing below 0 HU: read as HU it would be 1024 HU too bright."""
+    return sitk.GetImageFromArray(sitk.GetArrayFromImage(tiny_image()) + 1024)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"), [(sheared, "sheared"), (offset_by_1024, "no voxel below 0 HU")]
+)
+def test_a_ct_on_a_sheared_grid_or_not_in_hu_is_refused(tiny: Path, image, message: str) -> None:
+    sitk.WriteImage(image(), str(tiny / "data" / "mha" / "7.mha"))
+    with pytest.raises(CtanError, match=message) as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
 
@@ -210,26 +227,7 @@ def test_a_bad_label_is_shown_as_written(tmp_path: Path) -> None:
 
 
 def test_a_singular_direction_is_refused(tiny: Path) -> None:
-    path = tiny / "data" / "mha" / "7.mha"
-    data = path.read_bytes()
-    line = next(x for x in data.split(b"\n") if x.startswith(b"TransformMatrix"))
-    path.write_bytes(data.replace(line, b"TransformMatrix = 1 0 0 1 0 0 0 0 1"))
+    set_header_field(tiny / "data" / "mha" / "7.mha", b"TransformMatrix", b"1 0 0 1 0 0 0 0 1")
     with pytest.raises(CtanError, match="not orthogonal") as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
-
-
-def test_a_ct_not_in_hounsfield_units_is_refused(tiny: Path) -> None:
-    """Stored with its +1024 offset (nothing below 0 HU): read as HU it would be 1024 HU too bright."""
-    image = sitk.GetImageFromArray(sitk.GetArrayFromImage(tiny_image()) + 1024)
-    sitk.WriteImage(image, str(tiny / "data" / "mha" / "7.mha"))
-    with pytest.raises(CtanError, match="no voxel below 0 HU") as err:
-        stoic.read_case(tiny, CaseRef("7", "train"))
-    assert_names(err, "7.mha")
-
-
-def test_severe_without_covid_is_refused(tmp_path: Path) -> None:
-    root = make_root(tmp_path, "PatientID,probCOVID,probSevere\n7,0,1\n", {"7": tiny_image()})
-    with pytest.raises(CtanError, match="patient 7 is severe .* without COVID-19") as err:
-        stoic.list_cases(root)
-    assert_names(err, "reference.csv")
