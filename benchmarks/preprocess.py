@@ -14,6 +14,9 @@
    must at least do (ctan's reader parses with Arrow's CSV reader, which needs less). Each case's floor
    is timed right before its stages, so both see the same page cache.
 
+torch runs on `--threads` threads (default 1, as the workflow's preprocess jobs run it): with more, its
+idle OpenMP workers spin after each resampling call and add CPU to every stage after it.
+
 Times are process CPU and wall seconds; on a shared machine trust CPU more. On a noisy one the same
 code's ratio to the floor can move by a third from run to run: `--repeat N` measures everything N times
 (a fresh folder each time) and prints each run's ratios and their median, the figure to quote.
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 from zarr.core.sync import sync
 
@@ -164,7 +168,7 @@ def report(result: dict, archive: Path, spacing, shape) -> str:
     lines = [
         f"archive {archive.name}: {n} cases; grid spacing={spacing} shape={shape}",
         f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"load average {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}",
         "",
         f"{'stage':<38}{'wall s':>9}{'CPU s':>9}{'CPU ms/case':>13}{'share':>8}",
     ]
@@ -232,10 +236,16 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="measure N times; report each run and the median"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads, as `ctan preprocess --threads` (default 1)"
+    )
     parser.add_argument("--json", action="store_true", help="also write benchmarks/results/preprocess.json")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     results = []
     for _ in range(args.repeat):
         results.append(run(args.archive, args.spacing, args.shape, args.cases))
@@ -245,7 +255,12 @@ def main() -> None:
     if args.json:
         out = REPO / "benchmarks" / "results" / "preprocess.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"archive": str(args.archive), "spacing": args.spacing, "shape": args.shape}
+        meta = {
+            "archive": str(args.archive),
+            "spacing": args.spacing,
+            "shape": args.shape,
+            "threads": args.threads,
+        }
         out.write_text(json.dumps({**meta, "runs": results}, indent=1) + "\n")
         print(f"wrote {out}")
 

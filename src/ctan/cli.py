@@ -31,6 +31,17 @@ def _seed(text: str) -> int:
     return seed
 
 
+def _threads(text: str) -> int:
+    """A --threads value: an integer >= 1 (torch refuses fewer)."""
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise CtanError("--threads", f"must be an integer >= 1, got {text!r}")
+    return threads
+
+
 def _name(kind: str) -> Callable[[str], str]:
     """A dataset or task name given on the command line: a plain identifier (ctan.workspace)."""
 
@@ -65,6 +76,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     settings = dataset_settings(params, args.dataset)
     # An external test set is preprocessed with its training dataset's plan and checked against its data.
     training = dataset_settings(params, settings.external_of) if settings.external_of else None
+    _set_torch_threads(args.threads)
     out = preprocess_dataset(settings, force=args.force, training=training)
     print(out)
     return 0
@@ -75,6 +87,12 @@ def _set_threads(threads: int | None) -> None:
     from ctan.device import keep_freed_memory
 
     keep_freed_memory()
+    _set_torch_threads(threads)
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    """torch's thread count (intra-op and OpenMP). Beyond one job's share of the cores its idle
+    OpenMP workers keep spinning after each operator, CPU taken from the job beside it."""
     if threads:
         import torch
 
@@ -190,9 +208,13 @@ def _add_run_ids(p: argparse.ArgumentParser, task: bool = False, seed: bool = Tr
             "--task", type=_name("task"), help="for --arch stl: the single task's network (one job per task)"
         )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_threads(p)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
+        type=_threads,
         default=None,
         help="CPU threads for torch; Snakemake passes the rule's threads so results don't depend on the host",
     )
@@ -248,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset", type=_name("dataset"), help="dataset name, a key under `datasets:` in params.yaml"
     )
     p.add_argument("--force", action="store_true", help="replace existing stores")
+    _add_threads(p)
 
     p = add(
         "train",

@@ -27,7 +27,7 @@ rule preprocess:
         runtime=60,
     shell:
         "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
-        " && ctan preprocess {wildcards.dataset} {params.ctan}) > {log} 2>&1"
+        " && ctan preprocess {wildcards.dataset} {params.ctan} --threads {threads}) > {log} 2>&1"
 
 
 # An external test set (`external_of:`): the training dataset's plan, every case in test.zarr. It needs
@@ -58,4 +58,4 @@ rule preprocess_external:
         runtime=60,
     shell:
         "(echo SLURM_JOB_ID=${{SLURM_JOB_ID:-none}} host=$(hostname)"
-        " && ctan preprocess {wildcards.dataset} {params.ctan}) > {log} 2>&1"
+        " && ctan preprocess {wildcards.dataset} {params.ctan} --threads {threads}) > {log} 2>&1"
