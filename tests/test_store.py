@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import zarr
 from ome_zarr_models.v05 import image as ome  # the dev extra: a validator made for OME-Zarr
+from zarr.codecs import BloscCodec
 from zarr.core.sync import sync
 
 from ctan.datasets.base import Case
-from ctan.store import SplitStore, _case_nodes, _write_case, create_split, write_case
+from ctan.store import _BLOSC, _COMPRESSOR, SplitStore, _case_nodes, _write_case, create_split, write_case
 
 
 def _ct_case() -> Case:
@@ -97,8 +98,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("make", [_ct_case, _rgb_case])
-def test_staged_write_gives_the_files_zarr_writes_itself(tmp_path, make):
-    """write_case builds a case in memory and writes its files; zarr writing them to disk gives the same."""
+def test_staged_write_gives_the_files_zarr_writes_itself(tmp_path, make, monkeypatch):
+    """write_case builds a case in memory (Blosc encoding inline) and writes its files; zarr writing them
+    to disk with its own Blosc codec gives the same."""
     case = make()
     attrs = {"case_ids": [case.case_id, "other"], "spatial_dims": len(case.spacing)}
     ours = create_split(tmp_path / "ours.zarr", attrs)
@@ -106,6 +108,9 @@ def test_staged_write_gives_the_files_zarr_writes_itself(tmp_path, make):
     other = Case(**{**vars(case), "case_id": "other"})
     write_case(ours, other)
     zarrs = create_split(tmp_path / "zarr.zarr", attrs)
+    stock = BloscCodec(**_BLOSC)
+    assert type(stock) is BloscCodec and type(_COMPRESSOR) is not BloscCodec
+    monkeypatch.setattr("ctan.store._COMPRESSOR", stock)
     for c, extra in ((case, {"source": "x"}), (other, None)):
         sync(_write_case(zarrs._async_group, c.case_id, *_case_nodes(c, extra)))
     assert _files(tmp_path / "ours.zarr") == _files(tmp_path / "zarr.zarr")
