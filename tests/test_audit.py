@@ -278,3 +278,48 @@ def test_a_summary_that_is_not_text_is_refused_in_one_line(run, capsys):
     assert main(["audit", "results/summary.csv"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "not a summary CSV" in err[0]
+
+
+def _write_rows(rows: list[dict[str, str]]) -> None:
+    with open("results/summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_summary_without_its_stl_rows_is_still_recomputed(run, capsys):
+    """Removing the STL rows once stopped the recomputation (exit 0), so any other number could be edited."""
+    rows = [r for r in _rows() if r["architecture"] != "stl"]
+    for row in rows:
+        if row["row_type"] == "delta_mtl":
+            row["value"] = "42"
+    _write_rows(rows)
+
+    code, lines = _audit(capsys)
+    assert code == 1
+    (changed,) = _changed(lines)
+    assert "delta_mtl_pct" in changed and "value 42 (the files give " in changed
+    assert "lacks " in _file_line(lines, "results/summary.csv") and "/stl/" in _file_line(
+        lines, "results/summary.csv"
+    )
+
+
+def test_a_metrics_json_copied_from_another_architecture(run, capsys):
+    """The copy's numbers are self-consistent, so only its own record of whose results it holds shows it."""
+    rows = _rows()
+    stl, hps = (Path(f"results/{DATASET}/{a}/seed0/metrics.json") for a in ("stl", "hps"))
+    shutil.copy(stl, hps)
+    # The summary rebuilt from the copy, as `ctan summarize` before this check would have written it.
+    code, lines = _audit(capsys)
+    assert code == 1
+    problem = _file_line(lines, str(hps))
+    assert "records architecture 'stl' where its folder is for architecture 'hps'" in problem
+    assert len(_changed(lines)) == len(rows)  # every row of the dataset: none can be vouched for
+
+
+def test_a_row_cut_short_is_refused_in_one_line(run, capsys):
+    text = Path("results/summary.csv").read_text()
+    Path("results/summary.csv").write_text(text[: -len(text.splitlines()[-1]) // 2 - 1] + "\n")
+    assert main(["audit", "results/summary.csv"]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert "results/summary.csv: line " in err and "ctan summarize" in err

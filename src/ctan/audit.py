@@ -165,13 +165,16 @@ class _Audit:
 
     def recompute(self) -> None:
         """Rebuild each dataset's rows from its metrics.json files with the summary's own code."""
-        from ctan.layout import metrics_path
+        from ctan.layout import SINGLE_TASK
+        from ctan.results import read_docs
         from ctan.summary import COLUMNS, dataset_rows, format_row
 
         key_columns = ("row_type", "dataset", "architecture", "seed", "task", "metric")
         summary = str(self.summary)
         for dataset, lines in self.by("dataset").items():
-            archs = list(dict.fromkeys(self.rows[i - 2]["architecture"] for i in lines))
+            # STL first: every row is relative to it, so a summary without its STL rows still gets them
+            # recomputed (and reported missing) instead of not being checked at all.
+            archs = list(dict.fromkeys([SINGLE_TASK, *(self.rows[i - 2]["architecture"] for i in lines)]))
             seeds = list(
                 dict.fromkeys(
                     int(self.rows[i - 2]["seed"]) for i in lines if self.rows[i - 2]["row_type"] == "metric"
@@ -180,27 +183,26 @@ class _Audit:
             # What most rows record: one edited row must not make every other row look changed.
             where = {
                 k: Counter(self.rows[i - 2][k] for i in lines).most_common(1)[0][0]
-                for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash")
+                for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash", "trained_on")
             }
-            docs: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}
-            unreadable = []
-            for arch in archs:
-                for seed in seeds:
-                    path = metrics_path(Path(where["results_path"]), arch, seed)
-                    try:
-                        docs[arch, seed] = path, json.loads(path.read_text())
-                    except (OSError, ValueError):
-                        unreadable.append(str(path))
+            trained_on = where["trained_on"] if where["trained_on"] != dataset else None
             try:
-                if unreadable:
-                    raise KeyError(unreadable[0])
+                docs = read_docs(Path(where["results_path"]), dataset, trained_on, archs, seeds)
                 again = dataset_rows(dataset, archs, seeds, docs, where)
+            except CtanError as err:
+                # A metrics.json that is damaged, misplaced or from another evaluation: the rows behind it
+                # cannot be vouched for.
+                file = err.path or summary
+                self.flag(file, err.problem, file, lines, f"{file} is not what the rows were computed from")
+                continue
             except (KeyError, TypeError, ValueError) as err:
-                self.notes.append(
-                    f"NOT RECOMPUTED rows of {dataset}: the files behind them do not give them ({err})"
+                self.flag(
+                    summary,
+                    f"rows of {dataset} cannot be recomputed ({err})",
+                    summary,
+                    lines,
+                    "not recomputed",
                 )
-                for path in unreadable:
-                    self.flag(path, "missing or unreadable", path, lines, f"{path} unreadable")
                 continue
             expected = {tuple(r[c] for c in key_columns): r for r in map(format_row, again)}
             for i in lines:
@@ -219,8 +221,11 @@ class _Audit:
                     edited = not any(self.damage.get(p) for p in _pairs(row["metrics_sha256"]))
                     problem = "numbers differ from the files behind them"
                     self.flag(summary if edited else None, problem, summary, [i], f"{summary}: {said}")
-            for key in expected:
-                self.flag(summary, "lacks the row " + "/".join(key), summary, [], "")
+            if expected:
+                missing = ["/".join(key) for key in expected]
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                problem = f"lacks {len(missing)} row(s) the files give: {', '.join(missing[:3])}{more}"
+                self.flag(summary, problem, summary, [], "")
 
     # --- the report -----------------------------------------------------------------------------------
 
@@ -265,12 +270,30 @@ def audit(summary: Path) -> int:
             f"not a summary this ctan can audit (no {', '.join(missing)} column); "
             "rebuild it with `ctan summarize`",
         )
+    for line, row in enumerate(rows, start=2):
+        problem = _row_problem(row)
+        if problem:
+            raise CtanError(summary, f"line {line}: {problem}; rebuild it with `ctan summarize`")
     check = _Audit(summary, rows)
     check.check_raw()
     check.check_data()
     check.check_metrics_and_models()
     check.recompute()
     return check.report()
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    """What makes a row unreadable for the audit (a damaged summary, not a changed number), or None."""
+    if None in row:
+        return "more fields than the header"
+    if any(value is None for value in row.values()):
+        return "fewer fields than the header (cut short?)"
+    if row["row_type"] == "metric" and not row["seed"].isdigit():
+        return f"seed {row['seed']!r} is not a seed"
+    for column in ("metrics_sha256", "model_sha256"):
+        if any("=" not in item for item in filter(None, row[column].split(";"))):
+            return f"{column} is not a list of file=SHA-256"
+    return None
 
 
 def _arrays_changed(data_path: str) -> str:
