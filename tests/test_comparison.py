@@ -219,3 +219,36 @@ def test_fast_classification_metrics_equal_scikit_learns():
             balanced_accuracy_score(classes, predicted), abs=1e-12
         )
     assert math.isnan(rank_auc(np.ones(4, bool), np.arange(4.0)))
+
+
+# --- training histories ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "not a readable training history"),
+        ('{"epochs": [{"x": 1}]}', "epoch record 1 lacks seconds"),
+        ('{"epochs": [{"seconds": "1", "data_wait_fraction": 0.1}]}', "non-number '1' for seconds"),
+        ('{"epochs": []}', "no epoch records"),
+        ("[1, 2]", "no epoch records"),
+    ],
+)
+def test_a_damaged_history_names_the_file_and_the_command_that_rebuilds_it(tmp_path, text, problem):
+    """A traceback (KeyError, JSONDecodeError) before."""
+    from types import SimpleNamespace
+
+    from ctan.comparison import training_cost
+
+    settings = SimpleNamespace(name="demo", models_dir=tmp_path, tasks=("dose", "structures"))
+    good = {"epochs": [{"seconds": 2.0, "data_wait_fraction": 0.1, "step_seconds": 0.5}] * 2}
+    for task in settings.tasks:
+        (tmp_path / "stl" / "seed1" / task).mkdir(parents=True)
+        (tmp_path / "stl" / "seed1" / task / "history.json").write_text(json.dumps(good))
+    assert training_cost(settings, "stl", 1)["train_minutes"] == pytest.approx(8 / 60)
+    damaged = tmp_path / "stl" / "seed1" / "structures" / "history.json"
+    damaged.write_text(text)
+    with pytest.raises(CtanError, match=problem) as err:
+        training_cost(settings, "stl", 1)
+    assert err.value.path == str(damaged)
+    assert "`ctan train --dataset demo --arch stl --seed 1 --task structures`" in str(err.value)

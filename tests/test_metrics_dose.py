@@ -285,3 +285,59 @@ def test_openkbp_score_command(tmp_path: Path, capsys):
     assert json.loads(out.read_text())["dose_score"] == pytest.approx(1.0)
     assert main(["openkbp-score", "--reference", str(tmp_path / "ref"), "--predictions", str(tmp_path)]) == 2
     assert "no prediction for reference patient(s) pt_5" in capsys.readouterr().err
+
+
+def _score(tmp_path: Path) -> list[str]:
+    return ["openkbp-score", "--reference", str(tmp_path / "ref"), "--predictions", str(tmp_path / "preds")]
+
+
+def test_openkbp_score_output_in_a_new_folder(tmp_path: Path, capsys):
+    """The folder is made, as every other command makes its output's (a FileNotFoundError before)."""
+    refs = _make_reference(tmp_path / "ref", {"pt_5": 3})
+    D.write_dose_csv(tmp_path / "preds" / "pt_5.csv", refs["pt_5"]["dose"], "challenge")
+    out = tmp_path / "new" / "deeper" / "score.json"
+    assert main([*_score(tmp_path), "--output", str(out)]) == 0
+    import json
+
+    assert json.loads(out.read_text())["dose_score"] == 0.0
+    assert [p.name for p in out.parent.iterdir()] == ["score.json"]
+
+
+def _fails(capsys, argv: list[str], path: Path, problem: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ctan: error: {path}: ") and problem in err and len(err.splitlines()) == 1
+
+
+def test_openkbp_score_names_a_gzipped_prediction(tmp_path: Path, capsys):
+    """As a gzipped reference file is named; a utf-8 decoding error before."""
+    import gzip
+
+    refs = _make_reference(tmp_path / "ref", {"pt_5": 3})
+    plain = D.write_dose_csv(tmp_path / "pt_5.csv", refs["pt_5"]["dose"], "challenge")
+    packed = tmp_path / "preds" / "pt_5.csv"
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    _fails(capsys, _score(tmp_path), packed, "is gzip-compressed, not a CSV")
+
+
+def test_openkbp_score_refuses_an_empty_possible_dose_mask(tmp_path: Path, capsys):
+    """The dose score divides by the mask's size: NaN went into the JSON, with exit 0, before."""
+    refs = _make_reference(tmp_path / "ref", {"pt_5": 3})
+    D.write_dose_csv(tmp_path / "preds" / "pt_5.csv", refs["pt_5"]["dose"], "challenge")
+    mask = tmp_path / "ref" / "pt_5" / "possible_dose_mask.csv"
+    mask.write_text(",data\n")
+    out = tmp_path / "score.json"
+    _fails(capsys, [*_score(tmp_path), "--output", str(out)], mask, "lists no voxels")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["prediction", "reference"])
+def test_openkbp_score_refuses_negative_dose(tmp_path: Path, capsys, which: str):
+    """A dose is >= 0 Gy (the format cannot hold less): a sign or unit error, scored as usual before."""
+    refs = _make_reference(tmp_path / "ref", {"pt_5": 3})
+    D.write_dose_csv(tmp_path / "preds" / "pt_5.csv", refs["pt_5"]["dose"], "challenge")
+    bad = tmp_path / "preds" / "pt_5.csv" if which == "prediction" else tmp_path / "ref" / "pt_5" / "dose.csv"
+    inside = int(np.flatnonzero(refs["pt_5"]["mask"].reshape(-1))[0])
+    bad.write_text(f",data\n{inside},-50.0\n")
+    _fails(capsys, _score(tmp_path), bad, "negative dose -50 Gy in 1 voxel(s)")

@@ -196,6 +196,100 @@ def test_summary_figures_reject_other_csv(tmp_path: Path) -> None:
         plot_delta_mtl(other, tmp_path / "delta.png")
 
 
+def _edited(summary: Path, out: Path, edit) -> Path:
+    """A copy of a summary with ``edit(rows)`` applied to its rows (dicts)."""
+    with open(summary, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields, rows = list(reader.fieldnames or []), list(reader)
+    rows = edit(rows)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def _plot_summary(capsys, summary: Path, figure: Path, table: Path) -> tuple[int, str, str]:
+    from ctan.cli import main
+
+    code = main(["plot-summary", str(summary), "--figure", str(figure), "--table", str(table)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _first_metric(rows: list[dict]) -> int:
+    return next(i for i, r in enumerate(rows) if r["row_type"] == "metric")
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        # An empty file: pandas' EmptyDataError before.
+        (None, "is empty"),
+        # A Δ row given twice (a summary of a run with an architecture listed twice): a TypeError before.
+        (lambda rows: [*rows, next(r for r in rows if r["row_type"] == "delta_mtl")], "repeats line"),
+        # A metric row given twice: counted as a third seed, changing the mean, before.
+        (lambda rows: [*rows, rows[_first_metric(rows)]], "line 32 repeats line 2"),
+        # Not a number: a TypeError from pandas' aggregation before, after the figure was written.
+        (lambda rows: [{**r, "value": "abc"} if i == 3 else r for i, r in enumerate(rows)], "line 5: value"),
+        # One seed's row missing: the cell silently showed the other seed's value.
+        (lambda rows: rows[:2] + rows[3:], "no metric row for openkbp_demo stl seed 1 structures/dice"),
+        # STL's direction flipped: the first row's direction decided the bold for every architecture.
+        (
+            lambda rows: [
+                {**r, "higher_is_better": False}
+                if r["architecture"] == "stl" and r["metric"] == "dice"
+                else r
+                for r in rows
+            ],
+            "a metric has one direction",
+        ),
+    ],
+)
+def test_plot_summary_refuses_a_damaged_summary_and_writes_nothing(tmp_path: Path, capsys, edit, problem):
+    summary = _summary(tmp_path / "summary.csv")
+    bad = tmp_path / "bad.csv"
+    if edit is None:
+        bad.write_text("")
+    else:
+        _edited(summary, bad, edit)
+    out = tmp_path / "out"
+    code, _, err = _plot_summary(capsys, bad, out / "delta.png", out / "table.html")
+    assert code == 2
+    assert err.startswith(f"ctan: error: {bad}: ") and problem in err and len(err.splitlines()) == 1
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_plot_summary_writes_both_outputs_or_neither(tmp_path: Path, capsys):
+    summary = _summary(tmp_path / "summary.csv")
+    # No per-task metric rows: the table fails, and the figure (written first before) must not be left.
+    only_delta = _edited(
+        summary, tmp_path / "delta_only.csv", lambda rows: [r for r in rows if r["row_type"] != "metric"]
+    )
+    code, _, err = _plot_summary(capsys, only_delta, tmp_path / "delta.png", tmp_path / "table.html")
+    assert code == 2 and "no per-task metric rows" in err
+    assert not (tmp_path / "delta.png").exists() and not (tmp_path / "table.html").exists()
+    # --table is a folder: refused before any work (an IsADirectoryError after the figure before).
+    (tmp_path / "folder").mkdir()
+    code, _, err = _plot_summary(capsys, summary, tmp_path / "delta.png", tmp_path / "folder")
+    assert code == 2 and f"{tmp_path / 'folder'}: is a folder" in err
+    assert not (tmp_path / "delta.png").exists() and not list((tmp_path / "folder").iterdir())
+    # An unknown figure format: one line, not matplotlib's ValueError.
+    code, _, err = _plot_summary(capsys, summary, tmp_path / "delta.txt", tmp_path / "table.html")
+    assert code == 2 and "delta.txt: not a figure format" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta_only.csv", "folder", "summary.csv"]
+
+
+def test_plot_summary_prints_the_figure_it_wrote(tmp_path: Path, capsys):
+    """matplotlib adds .png to a name without a suffix: the path printed is that file."""
+    summary = _summary(tmp_path / "summary.csv")
+    code, out, _ = _plot_summary(capsys, summary, tmp_path / "noext", tmp_path / "table.html")
+    assert code == 0
+    assert out.splitlines() == [str(tmp_path / "noext.png"), str(tmp_path / "table.html")]
+    assert _is_png(tmp_path / "noext.png") and not (tmp_path / "noext").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 # --- learning curves: one axis per metric ------------------------------------------------------------
 
 

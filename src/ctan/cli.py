@@ -7,6 +7,7 @@ A `CtanError` becomes one line on stderr (`ctan: error: FILE: problem`) and exit
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,44 @@ def _threads(text: str) -> int:
     if threads < 1:
         raise CtanError("--threads", f"must be an integer >= 1, got {text!r}")
     return threads
+
+
+def _nearest_folder(path: Path) -> None:
+    """Refuse an output path that no folder can hold: under a file, or in a folder we cannot write."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CtanError(path, f"cannot be written: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CtanError(path, f"cannot be written: no permission to write in {parent}")
+            return
+
+
+def _output_file(text: str) -> Path:
+    """An output file option (summarize, plot-summary, openkbp-score): not a folder, and in a folder that
+    is or can be made. Checked while parsing, so a bad path fails before the work, not after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise CtanError(path, "is a folder; give the path of a file to write")
+    _nearest_folder(path)
+    return path
+
+
+def _output_folder(text: str) -> Path:
+    """An output folder option (compare): a folder, or a path where one can be made."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise CtanError(path, "is a file; give the folder to write into")
+    _nearest_folder(path)
+    return path
+
+
+def _figure_file(text: str) -> Path:
+    """An output figure: an `_output_file` in a format matplotlib writes (``.png`` added where the name
+    has no suffix, as matplotlib does, so that the path printed is the file written)."""
+    from ctan.plots import figure_path
+
+    return _output_file(str(figure_path(text)))
 
 
 def _name(kind: str) -> Callable[[str], str]:
@@ -139,7 +178,10 @@ def _cmd_openkbp_score(args: argparse.Namespace) -> int:
     result = score_directories(Path(args.reference), Path(args.predictions))
     text = json.dumps(result, indent=2)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        from ctan.outputs import staged
+
+        with staged(args.output) as (temp,):
+            temp.write_text(text + "\n")
     print(text)
     return 0
 
@@ -148,7 +190,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     from ctan.config import load_params
     from ctan.summary import summarize
 
-    out = summarize(load_params(args.params), Path(args.output))
+    out = summarize(load_params(args.params), args.output)
     print(out)
     return 0
 
@@ -157,7 +199,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ctan.comparison import compare
     from ctan.config import load_params
 
-    print(compare(load_params(args.params), Path(args.output)))
+    print(compare(load_params(args.params), args.output))
     return 0
 
 
@@ -176,10 +218,10 @@ def _cmd_init_tracking(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot_summary(args: argparse.Namespace) -> int:
-    from ctan.plots import plot_delta_mtl, write_metric_table
+    from ctan.plots import plot_summary
 
-    print(plot_delta_mtl(Path(args.summary), Path(args.figure)))
-    print(write_metric_table(Path(args.summary), Path(args.table)))
+    for out in plot_summary(Path(args.summary), args.figure, args.table):
+        print(out)
     return 0
 
 
@@ -321,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reference", required=True, help="folder of reference patients (pt_*/dose.csv, ...)")
     p.add_argument("--predictions", required=True, help="folder of predicted pt_*.csv dose files")
-    p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("--output", type=_output_file, help="also write the JSON here")
 
     p = add(
         "summarize",
@@ -331,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         "STL, compute Δ_MTL, and record provenance (data hashes, code version, params hash, MLflow run).",
     )
     _add_params(p)
-    p.add_argument("--output", default="results/summary.csv", help="summary CSV to write")
+    p.add_argument("--output", type=_output_file, default="results/summary.csv", help="summary CSV to write")
 
     p = add(
         "compare",
@@ -345,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         "params.yaml.",
     )
     _add_params(p)
-    p.add_argument("--output", default="results/comparison", help="folder to write the report into")
+    p.add_argument(
+        "--output", type=_output_folder, default="results/comparison", help="folder to write the report into"
+    )
 
     p = add(
         "audit",
@@ -375,8 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture (mean ± std over seeds) and an HTML table of every task's metrics per architecture.",
     )
     p.add_argument("summary", help="results/summary.csv")
-    p.add_argument("--figure", default="results/delta_mtl.png", help="Δ_MTL bar chart (PNG) to write")
-    p.add_argument("--table", default="results/metrics_table.html", help="metric table (HTML) to write")
+    p.add_argument(
+        "--figure",
+        type=_figure_file,
+        default="results/delta_mtl.png",
+        help="Δ_MTL bar chart to write (PNG; .svg or .pdf by suffix)",
+    )
+    p.add_argument(
+        "--table",
+        type=_output_file,
+        default="results/metrics_table.html",
+        help="metric table (HTML) to write",
+    )
     return parser
 
 

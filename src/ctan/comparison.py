@@ -245,9 +245,13 @@ def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
     epochs, seconds, steps, waits, peaks = 0, 0.0, [], [], []
     for key in keys:
         path = model_dir(settings, arch, seed, key) / "history.json"
+        # `ctan train` on a finished run rewrites history.json from its checkpoint.
+        rebuild = f"`ctan train --dataset {settings.name} --arch {arch} --seed {seed}" + (
+            f" --task {key}`" if key else "`"
+        )
         if not path.is_file():
-            raise CtanError(path, f"missing; run `ctan train --dataset {settings.name} --arch {arch}`")
-        records = json.loads(path.read_text())["epochs"]
+            raise CtanError(path, f"missing; run {rebuild}")
+        records = _history_records(path, rebuild)
         epochs = max(epochs, len(records))
         seconds += sum(r["seconds"] for r in records)
         steps += [r["step_seconds"] for r in records if "step_seconds" in r]
@@ -261,6 +265,34 @@ def training_cost(settings, arch: str, seed: int) -> dict[str, float]:
         "data_wait_pct": 100 * float(np.mean(waits)) if waits else math.nan,
         "peak_memory_mib": float(max(peaks)) if peaks else math.nan,
     }
+
+
+HISTORY_NUMBERS = ("seconds", "data_wait_fraction")
+"""What every epoch record of a history.json must give for the cost table (the rest is optional)."""
+
+
+def _history_records(path: Path, rebuild: str) -> list[dict[str, Any]]:
+    """The epoch records of one history.json, refused (naming the file and the command that rebuilds
+    it) when damaged, rather than a traceback or a cost table computed from part of it."""
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CtanError(path, f"not a readable training history ({err}); rebuild it: {rebuild}") from None
+    records = history.get("epochs") if isinstance(history, dict) else None
+    if not isinstance(records, list) or not records:
+        raise CtanError(path, f"no epoch records in the training history; rebuild it: {rebuild}")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise CtanError(path, f"epoch record {number} is not an object; rebuild it: {rebuild}")
+        for name in (*HISTORY_NUMBERS, "step_seconds", "peak_memory_mib"):
+            value = record.get(name)
+            required = name in HISTORY_NUMBERS
+            if (required or name in record) and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                problem = "lacks" if name not in record else f"has a non-number {value!r} for"
+                raise CtanError(path, f"epoch record {number} {problem} {name}; rebuild it: {rebuild}")
+    return records
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -355,15 +387,20 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
         a: float(np.mean([report["datasets"][d]["delta_mtl"][a]["delta_mtl"] for d in run["datasets"]]))
         for a in archs
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(json.dumps(report, indent=1))
-    from ctan.plots import plot_comparison_cost, plot_comparison_delta
+    from ctan.outputs import staged
+    from ctan.plots import comparison_cost_figure, comparison_delta_figure, write_figure
 
-    plot_comparison_delta(report, out_dir / "delta_mtl_ci.png")
-    plot_comparison_cost(report, out_dir / "training_cost.png")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CtanError(out_dir, "is a file; --output is the folder to write the report into")
     md = out_dir / "comparison.md"
-    md.write_text(render_markdown(report))
+    files = (out_dir / "comparison.json", out_dir / "delta_mtl_ci.png", out_dir / "training_cost.png", md)
+    # All four or none: each is written under a temporary name and renamed once all are complete.
+    with staged(*files) as (json_tmp, delta_tmp, cost_tmp, md_tmp):
+        json_tmp.write_text(json.dumps(report, indent=1))
+        write_figure(comparison_delta_figure(report, files[1]), delta_tmp, files[1])
+        write_figure(comparison_cost_figure(report), cost_tmp, files[2])
+        md_tmp.write_text(render_markdown(report))
     return md
 
 

@@ -7,6 +7,7 @@ Each function reads plain data and writes one file. Figures are built on `matplo
 
 from __future__ import annotations
 
+import csv
 import html
 import math
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ctan.errors import CtanError
+from ctan.outputs import staged
 from ctan.tasks import Task
 
 ARCH_COLOURS = {
@@ -36,11 +38,30 @@ ARCH_COLOURS = {
 CONTOUR_COLOURS = [to_hex(c) for c in (*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2])]
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def figure_path(out: Path | str) -> Path:
+    """The file a figure is written to: ``out``, with ``.png`` added where it has no suffix (as
+    matplotlib itself does, so the path printed is the file written). An unknown suffix is refused
+    before any work."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    supported = Figure().canvas.get_supported_filetypes()
+    if out.suffix[1:].lower() not in supported:
+        known = ", ".join(f".{s}" for s in ("png", "svg", "pdf"))
+        raise CtanError(out, f"not a figure format matplotlib writes ({out.suffix}); use {known}")
+    return out
+
+
+def write_figure(fig: Figure, temp: Path, out: Path) -> None:
+    """Render ``fig`` into ``temp`` in the format ``out``'s suffix names (``temp`` ends in .tmp)."""
     FigureCanvasAgg(fig)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
+    fig.savefig(temp, format=out.suffix[1:].lower(), dpi=110, bbox_inches="tight")
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    out = figure_path(out)
+    with staged(out) as (temp,):
+        write_figure(fig, temp, out)
     return out
 
 
@@ -418,24 +439,111 @@ def plot_dvh(
 
 # --- summary -----------------------------------------------------------------------------------------
 
+SUMMARY_KEY = ("row_type", "dataset", "architecture", "seed", "task", "metric")
+"""What names one summary row: a second row with the same key would be averaged in as another seed."""
+SUMMARY_NUMBERS = ("value", "std", "n_seeds")
+
 
 def _read_summary(summary_csv: Path):
+    """The summary as a table of strings and numbers, with each row's ``line`` in the file.
+
+    Refused, naming the line, where the table would be silently wrong: a row cut short, a non-numeric
+    number, a row given twice (counted as one more seed), a metric row missing for a seed the other rows
+    have (a mean over fewer seeds), or STL and the others disagreeing on a metric's direction."""
     import pandas as pd
 
     path = Path(summary_csv)
     if not path.is_file():
         raise CtanError(path, "summary not found; run `ctan summarize` first")
-    table = pd.read_csv(path)
-    missing = {"row_type", "dataset", "architecture", "value"} - set(table.columns)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CtanError(path, f"not a readable summary CSV: {err}") from None
+    if not header:
+        raise CtanError(path, "is empty; run `ctan summarize` to write it")
+    missing = {"row_type", "dataset", "architecture", "value"} - set(header)
     if missing:
         raise CtanError(path, f"not a ctan summary: missing columns {', '.join(sorted(missing))}")
+    for line, row in records:
+        if len(row) != len(header):
+            raise CtanError(path, f"line {line} has {len(row)} fields, the header {len(header)} (cut short?)")
+    table = pd.DataFrame([row for _, row in records], columns=header, dtype=object)
+    table["line"] = [line for line, _ in records]
+    for column in SUMMARY_NUMBERS:
+        if column in table:
+            cells = zip(table["line"], table[column], strict=True)
+            table[column] = [_number(path, line, column, text) for line, text in cells]
+    _check_rows(path, table)
     return table
 
 
+def _number(path: Path, line: int, column: str, text: str) -> float:
+    """A number cell; empty is missing (NaN), as `ctan summarize` writes an undefined std."""
+    if not text.strip():
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise CtanError(path, f"line {line}: {column} {text!r} is not a number") from None
+
+
+def _check_rows(path: Path, table) -> None:
+    """Each row once; every metric row of every architecture and seed of a dataset; one direction per
+    metric (the table's bold goes to the best by that direction)."""
+    key = [c for c in SUMMARY_KEY if c in table]
+    first: dict[tuple, int] = {}
+    for line, *values in table[["line", *key]].itertuples(index=False):
+        if tuple(values) in first:
+            what = " ".join(f"{c} {v}" for c, v in zip(key, values, strict=True))
+            raise CtanError(
+                path,
+                f"line {line} repeats line {first[tuple(values)]} ({what}); each row is listed once "
+                "(rewrite the summary with `ctan summarize`)",
+            )
+        first[tuple(values)] = line
+    rows = table[table["row_type"] == "metric"]
+    if rows.empty or not {"seed", "task", "metric"} <= set(table):
+        return
+    for dataset, of_dataset in rows.groupby("dataset", sort=False):
+        have = set(of_dataset[["architecture", "seed", "task", "metric"]].itertuples(index=False, name=None))
+        archs = dict.fromkeys(of_dataset["architecture"])
+        seeds = dict.fromkeys(of_dataset["seed"])
+        metrics = dict.fromkeys(of_dataset[["task", "metric"]].itertuples(index=False, name=None))
+        for arch in archs:
+            for seed in seeds:
+                for task, metric in metrics:
+                    if (arch, seed, task, metric) not in have:
+                        raise CtanError(
+                            path,
+                            f"no metric row for {dataset} {arch} seed {seed} {task}/{metric}, which other "
+                            f"rows of {dataset} have: its mean would be over fewer seeds "
+                            "(rewrite the summary with `ctan summarize`)",
+                        )
+    if "higher_is_better" in table:
+        for (dataset, task, metric), group in rows.groupby(["dataset", "task", "metric"], sort=False):
+            directions = group["higher_is_better"].str.lower()
+            odd = group[directions != directions.iloc[0]]
+            if not odd.empty:
+                raise CtanError(
+                    path,
+                    f"{dataset} {task}/{metric} has higher_is_better {group['higher_is_better'].iloc[0]} "
+                    f"on line {group['line'].iloc[0]} but {odd['higher_is_better'].iloc[0]} on line "
+                    f"{odd['line'].iloc[0]}; a metric has one direction",
+                )
+
+
 def plot_delta_mtl(summary_csv: Path, out: Path) -> Path:
+    """`delta_mtl_figure` of a summary file, written to ``out`` (the path written is returned)."""
+    with _text():
+        return _save(delta_mtl_figure(_read_summary(summary_csv), summary_csv), out)
+
+
+def delta_mtl_figure(table, summary_csv: Path | None = None) -> Figure:
     """Grouped bars: Δ_MTL (% vs STL, positive is better) per dataset and architecture, the mean over
     seeds; whiskers (± std) only where there are several seeds."""
-    table = _read_summary(summary_csv)
     rows = table[(table["row_type"] == "delta_mtl") & (table["architecture"] != "stl")]
     if rows.empty:
         raise CtanError(summary_csv, "no Δ_MTL rows for any multi-task architecture")
@@ -467,13 +575,35 @@ def plot_delta_mtl(summary_csv: Path, out: Path) -> Path:
         spread = "mean ± std over seeds" if seeds > 1 else "one seed"
         ax.set_title(f"Multi-task gain over single-task learning ({spread})")
         ax.legend(fontsize="small")
-        return _save(fig, out)
+        return fig
 
 
 def write_metric_table(summary_csv: Path, out: Path) -> Path:
+    """`metric_table_html` of a summary file, written to ``out``."""
+    document = metric_table_html(_read_summary(summary_csv), summary_csv)
+    out = Path(out)
+    with staged(out) as (temp,):
+        temp.write_text(document, encoding="utf-8")
+    return out
+
+
+def plot_summary(summary_csv: Path, figure: Path, table_out: Path) -> tuple[Path, Path]:
+    """`ctan plot-summary`: the Δ_MTL figure and the metric table, both or neither (a summary the
+    table refuses leaves no figure behind either). Returns the paths written."""
+    table = _read_summary(summary_csv)
+    figure, table_out = figure_path(figure), Path(table_out)
+    fig = delta_mtl_figure(table, summary_csv)
+    document = metric_table_html(table, summary_csv)
+    with staged(figure, table_out) as (figure_temp, table_temp):
+        with _text():
+            write_figure(fig, figure_temp, figure)
+        table_temp.write_text(document, encoding="utf-8")
+    return figure, table_out
+
+
+def metric_table_html(table, summary_csv: Path | None = None) -> str:
     """HTML table: rows dataset / task / metric, columns architecture, cells mean ± std over seeds; the
     best architecture per row in bold."""
-    table = _read_summary(summary_csv)
     rows = table[table["row_type"] == "metric"]
     if rows.empty:
         raise CtanError(summary_csv, "no per-task metric rows")
@@ -505,7 +635,7 @@ def write_metric_table(summary_csv: Path, out: Path) -> Path:
         head = "".join(f"<td>{html.escape(str(v))}</td>" for v in (dataset, task, f"{metric} {arrow}"))
         body.append(f"<tr>{head}{''.join(tds)}</tr>")
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ["dataset", "task", "metric", *archs])
-    document = (
+    return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>ctan: per-task metrics</title>\n'
         "<style>body{font-family:sans-serif;font-size:13px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
@@ -516,10 +646,6 @@ def write_metric_table(summary_csv: Path, out: Path) -> Path:
         + "\n".join(body)
         + "\n</tbody></table>\n</body></html>\n"
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(document, encoding="utf-8")
-    return out
 
 
 # --- the architecture comparison (ctan compare) ----------------------------------------------------
@@ -599,6 +725,12 @@ def comparison_delta_figure(report: Mapping[str, Any], out: Path | None = None) 
 
 
 def plot_comparison_cost(report: Mapping[str, Any], out: Path) -> Path:
+    """`comparison_cost_figure`, written to ``out``."""
+    with _text():
+        return _save(comparison_cost_figure(report), out)
+
+
+def comparison_cost_figure(report: Mapping[str, Any]) -> Figure:
     """Per dataset: median training-step time and peak memory of each architecture."""
     datasets = list(report["datasets"])
     archs = list(next(iter(report["datasets"].values()))["cost"])
@@ -627,4 +759,4 @@ def plot_comparison_cost(report: Mapping[str, Any], out: Path) -> Path:
         axes[1].set_title("peak memory")
         axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         fig.suptitle("Training cost, measured in the same runs")
-        return _save(fig, out)
+        return fig

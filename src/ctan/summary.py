@@ -27,6 +27,7 @@ import numpy as np
 
 from ctan.config import params_hash
 from ctan.errors import CtanError
+from ctan.outputs import staged
 from ctan.provenance import dvc_md5, file_sha256
 from ctan.results import evaluated_sets, read_metrics
 
@@ -76,14 +77,11 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
         }
         docs = read_metrics(settings, archs, trained_on)
         rows += dataset_rows(settings.name, archs, list(settings.seeds), docs, where)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with staged(output) as (tmp,), open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow(format_row(row))
-    tmp.replace(output)
     return output
 
 

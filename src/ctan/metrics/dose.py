@@ -65,7 +65,12 @@ def _first_row(path: Path) -> str:
         with open(path, encoding="utf-8") as handle:
             handle.readline()
             return handle.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        # The reader's diagnosis first ("is gzip-compressed, not a CSV", binary data): one message
+        # for reference and predicted files alike.
+        read_sparse(path, with_values=True)
+        raise CtanError(path, f"cannot read OpenKBP sparse CSV: {exc}") from exc
+    except OSError as exc:
         raise CtanError(path, f"cannot read OpenKBP sparse CSV: {exc}") from exc
 
 
@@ -93,6 +98,18 @@ def read_sparse_csv(path: Path, shape: tuple[int, ...] = GRID, mask: bool | None
     if indices.size:
         flat[indices] = 1 if mask else values
     return flat.reshape(shape)
+
+
+def read_dose_csv(path: Path) -> np.ndarray:
+    """`read_sparse_csv` of a dose file (reference or prediction), refusing negative dose: a dose is
+    >= 0 Gy and the format cannot hold less (`write_dose_csv`), so one is a sign or unit error, which
+    would otherwise be scored as a plausible number."""
+    dose = read_sparse_csv(path, mask=False)
+    low = float(dose.min())
+    if low < 0:
+        voxels = int((dose < 0).sum())
+        raise CtanError(path, f"negative dose {low:g} Gy in {voxels} voxel(s); a dose is >= 0 Gy")
+    return dose
 
 
 def write_dose_csv(path: Path, dose: np.ndarray, axes: Literal["zyx", "challenge"] = "zyx") -> Path:
@@ -297,9 +314,12 @@ def read_reference_patient(folder: Path) -> dict[str, object]:
         for roi in ROIS
         if (folder / f"{roi}.csv").is_file()
     }
+    possible = read_sparse_csv(folder / "possible_dose_mask.csv", mask=True)
+    if not possible.any():  # the dose score is an error per voxel of this mask
+        raise CtanError(folder / "possible_dose_mask.csv", "lists no voxels: the dose score would be 0/0")
     return {
-        "dose": read_sparse_csv(folder / "dose.csv", mask=False),
-        "possible_dose_mask": read_sparse_csv(folder / "possible_dose_mask.csv", mask=True),
+        "dose": read_dose_csv(folder / "dose.csv"),
+        "possible_dose_mask": possible,
         "voxel_dimensions": read_spacing(folder / "voxel_dimensions.csv"),  # only their product matters
         "structures": structures,
     }
@@ -340,7 +360,7 @@ def score_directories(reference: Path | list[Path], predictions: Path) -> dict[s
     all_predicted: list[DvhMetrics] = []
     for pt in _sorted_patients(ref_ids):
         ref = read_reference_patient(where[pt])
-        predicted = read_sparse_csv(predictions / f"{pt}.csv", mask=False)
+        predicted = read_dose_csv(predictions / f"{pt}.csv")
         result = score_patient(
             ref["dose"],  # type: ignore[arg-type]
             predicted,
