@@ -53,3 +53,48 @@ def test_cli_reports_missing_params_file_in_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.yaml" in err[0]
+
+
+@pytest.mark.parametrize(
+    "override, said",
+    [
+        ({"training": {"epochs": 2.0}}, "training/epochs: 2.0 is not of type 'integer'"),
+        ({"training": {"lr": float("nan")}}, "training/lr: nan is not a finite number"),
+        ({"tuning": {"lr": [0.001, float("inf")]}}, "tuning/lr/1: inf is not a finite number"),
+        ({"run": {"seeds": [0, 2**32]}}, f"run/seeds/1: {2**32} exceeds"),
+        ({"run": {"seeds": [0, 0]}}, "run/seeds: [0, 0] has non-unique elements"),
+        ({"run": {"architectures": ["stl", "hps", "hps"]}}, "run/architectures"),
+        (
+            {"datasets": {"openkbp_demo": {"preprocess": {"ct_window": [500, -300]}}}},
+            "datasets/openkbp_demo/preprocess/ct_window: [500, -300] is not [low, high]",
+        ),
+        (
+            {"paths": {"models": "out", "results": "out"}},
+            "paths/models: out is the same folder as paths/results",
+        ),
+        (
+            {"paths": {"preprocessed": "data/raw/pre"}},
+            "paths/preprocessed: data/raw/pre lies inside paths/raw",
+        ),
+    ],
+)
+def test_settings_that_would_give_wrong_results_or_delete_data_are_refused(tmp_path, override, said):
+    """Each passed the schema before: counted twice, trained to NaN, tracebacks, or (overlapping folders)
+    preprocess --force replacing the downloads and evaluate deleting the models."""
+    path = tmp_path / "o.yaml"
+    path.write_text(yaml.safe_dump(override))
+    with pytest.raises(CtanError, match="invalid parameter at") as err:
+        load_params([REPO / "params.yaml", path])
+    assert said in str(err.value)
+
+
+@pytest.mark.parametrize("device, said", [("foo", "not a torch device"), ("cuda:7", "CUDA")])
+def test_a_device_torch_or_this_machine_lacks_is_one_line(device, said):
+    import torch
+
+    from ctan.device import pick_device
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that many CUDA devices")
+    with pytest.raises(CtanError, match=said):
+        pick_device(device)

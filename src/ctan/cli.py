@@ -27,8 +27,8 @@ def _seed(text: str) -> int:
         seed = int(text)
     except ValueError:
         seed = -1
-    if seed < 0:
-        raise CtanError("--seed", f"must be an integer >= 0, got {text!r}")
+    if not 0 <= seed <= 2**32 - 1:
+        raise CtanError("--seed", f"must be an integer from 0 to 2**32 - 1, got {text!r}")
     return seed
 
 

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -31,14 +32,42 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def _validator(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """The schema's validator, with "integer" meaning a whole number written as one: JSON Schema counts
+    2.0 as an integer, which `range(epochs)` then refuses with a traceback."""
+    base = jsonschema.validators.validator_for(schema)
+    strict = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool)
+    )
+    return jsonschema.validators.extend(base, type_checker=strict)(schema)
+
+
 def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
-    """Validate against the schema; the error names the offending key path."""
+    """Validate against the schema, then what a schema cannot say; the error names the offending key."""
     schema = yaml.safe_load(SCHEMA.read_text())
     try:
-        jsonschema.validate(params, schema)
+        _validator(schema).validate(params)
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise CtanError(source, f"invalid parameter at {where}: {err.message}") from None
+    for where, value in _leaves(params):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CtanError(source, f"invalid parameter at {where}: {value} is not a finite number")
+        if where.split("/")[-1] in ("seed", "seeds") or "/seeds/" in where:
+            if isinstance(value, int) and value > MAX_SEED:
+                raise CtanError(source, f"invalid parameter at {where}: {value} exceeds {MAX_SEED}")
+    for name, entry in params.get("datasets", {}).items():
+        window = (entry.get("preprocess") or {}).get("ct_window")
+        if window and window[0] >= window[1]:
+            raise CtanError(
+                source,
+                f"invalid parameter at datasets/{name}/preprocess/ct_window: {window} is not [low, high] "
+                "in HU with low < high",
+            )
+    _check_paths_apart(params.get("paths", {}), source)
     from ctan.models import ARCHITECTURES  # no torch: the registry imports an architecture when built
 
     unknown = [a for a in params["run"]["architectures"] if a not in ARCHITECTURES]
@@ -62,6 +91,30 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
         if entry.get("external_of"):
             check_external(params, name, source)
     return params
+
+
+def _leaves(value: Any, where: str = "") -> list[tuple[str, Any]]:
+    """(key path, value) of every scalar in nested dicts and lists."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{where}/{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, f"{where}/{i}")]
+    return [(where, value)]
+
+
+def _check_paths_apart(paths: dict[str, str], source: str) -> None:
+    """No folder of ``paths:`` inside another or the same: preprocess --force replaces its output
+    folder and evaluate its results folder, so an overlap would delete the downloads or the models."""
+    resolved = {key: Path(value).resolve() for key, value in paths.items()}
+    for key, path in resolved.items():
+        for other, there in resolved.items():
+            if key != other and (path == there or path.is_relative_to(there)):
+                how = "is the same folder as" if path == there else "lies inside"
+                raise CtanError(
+                    source,
+                    f"invalid parameter at paths/{key}: {paths[key]} {how} paths/{other} ({paths[other]}); "
+                    "each stage needs a folder of its own (one replaces its output folder when it reruns)",
+                )
 
 
 # Keys an external test set takes from its training dataset and may therefore not set itself.

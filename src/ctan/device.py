@@ -6,9 +6,23 @@ import torch
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device`` as torch's device (default: cuda where there is one, else cpu); one that torch does
+    not know, or that this machine lacks, is a one-line error before any work."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ctan.errors import CtanError
+
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise CtanError("--device", f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise CtanError("--device", f"{device}: this machine has no CUDA device torch can use; use cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise CtanError("--device", f"{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise CtanError("--device", f"{device}: MPS is not available here; use cpu")
+    return chosen
 
 
 # glibc's mallopt parameters (malloc.h)
