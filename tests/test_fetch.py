@@ -196,3 +196,34 @@ def test_official_sources_are_documented():
     assert fetch.OFFICIAL_SOURCES["stoic"] == "s3://stoic2021-training"
     for url in fetch.OFFICIAL_SOURCES.values():
         assert url in (fetch.__doc__ or "") or url.split("?")[0] in (fetch.__doc__ or "")
+
+
+def test_a_folder_source_that_holds_the_download_folder_is_refused(tmp_path, ham_folder):
+    """It was copied into its own copy until the path grew too long (a traceback several KB long)."""
+    settings = settings_for(tmp_path)
+    with pytest.raises(CtanError, match="holds the download's own folder"):
+        download_dataset(settings, source=str(tmp_path), force=True)
+    assert not (tmp_path / "raw" / "ds").exists()
+
+
+def test_force_replaces_a_download_whose_record_is_damaged(tmp_path, ham_folder):
+    """--force is the remedy the error names; a damaged source.json used to block it too."""
+    settings = settings_for(tmp_path)
+    download_dataset(settings, source=str(ham_folder))
+    (settings.raw_dir / fetch.SOURCE_JSON).write_text("{broken")
+    with pytest.raises(CtanError, match="pass --force"):
+        download_dataset(settings, source=str(ham_folder))
+    download_dataset(settings, source=str(ham_folder), force=True)
+    assert json.loads((settings.raw_dir / fetch.SOURCE_JSON).read_text())["kind"] == "folder"
+
+
+def test_an_mlflow_store_whose_folder_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    from ctan.tracking import init_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    (tmp_path / "file").write_text("")
+    params = load_params([REPO / "params.yaml"])
+    params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/file/sub/mlflow.db"
+    with pytest.raises(CtanError, match="cannot create the MLflow store's folder"):
+        init_tracking(params)

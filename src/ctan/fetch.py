@@ -272,12 +272,12 @@ def _existing(raw_dir: Path, same: Any, force: bool) -> bool:
         raise CtanError(
             raw_dir, "exists but is not a complete download (no source.json); remove it or pass --force"
         )
+    if force:  # replaced whatever it holds, a damaged record included
+        return False
     try:
         recorded = json.loads(marker.read_text())
     except (OSError, ValueError) as err:
-        raise CtanError(marker, f"unreadable: {err}") from None
-    if force:
-        return False
+        raise CtanError(marker, f"unreadable: {err}; pass --force to replace the download") from None
     if same(recorded):
         return True
     raise CtanError(
@@ -341,6 +341,11 @@ def download_dataset(
         digest = file_sha256(Path(source).expanduser())
         _verify(source, digest, pinned, settings)
     elif kind == "folder":
+        folder = Path(source).expanduser().resolve()
+        if raw_dir.resolve().is_relative_to(folder):
+            raise CtanError(
+                source, f"holds the download's own folder {raw_dir}: a folder source is copied into it"
+            )
         digest, listing = hash_tree(Path(source).expanduser())
         if pinned is not None and digest != pinned:
             raise CtanError(source, f"SHA-256 mismatch (folder digest): expected {pinned}, got {digest}")

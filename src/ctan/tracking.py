@@ -92,7 +92,12 @@ def init_tracking(params: dict[str, Any]) -> str:
         return uri
     from filelock import FileLock, Timeout
 
-    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CtanError(
+            db, f"cannot create the MLflow store's folder: {err.strerror}; set mlflow.tracking_uri"
+        ) from None
     lock = FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT_S)
     try:
         with lock:
