@@ -68,6 +68,11 @@ def test_cli_reports_missing_params_file_in_one_line(tmp_path, capsys):
             {"datasets": {"openkbp_demo": {"preprocess": {"ct_window": [500, -300]}}}},
             "datasets/openkbp_demo/preprocess/ct_window: [500, -300] is not [low, high]",
         ),
+        ({"model": {"attention_heads": 3}}, "model: attention_heads=3 must divide the 64 bottleneck"),
+        (
+            {"datasets": {"ham10000_demo": {"model": {"attention_heads": 5}}}},
+            "datasets/ham10000_demo/model: attention_heads=5 must divide",
+        ),
         (
             {"paths": {"models": "out", "results": "out"}},
             "paths/models: out is the same folder as paths/results",

@@ -68,7 +68,8 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
                 "in HU with low < high",
             )
     _check_paths_apart(params.get("paths", {}), source)
-    from ctan.models import ARCHITECTURES  # no torch: the registry imports an architecture when built
+    # no torch: the registry imports an architecture when built
+    from ctan.models import ARCHITECTURES, attention_heads_problem, uses_attention_heads
 
     unknown = [a for a in params["run"]["architectures"] if a not in ARCHITECTURES]
     if unknown:
@@ -77,6 +78,15 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
             f"invalid parameter at run/architectures: {', '.join(map(repr, unknown))} "
             f"(known: {', '.join(ARCHITECTURES)})",
         )
+    if any(uses_attention_heads(a) for a in params["run"]["architectures"]):
+        for name in params["run"]["datasets"]:
+            own = (params["datasets"].get(name) or {}).get("model") or {}
+            model = deep_merge(params.get("model", {}), own)
+            sizes = [model.get(k) for k in ("width", "depth", "attention_heads")]
+            problem = None if None in sizes else attention_heads_problem(*sizes)
+            if problem:
+                key = "datasets/" + name + "/model" if own else "model"
+                raise CtanError(source, f"invalid parameter at {key}: {problem}")
     for name in params["run"]["datasets"]:
         if name not in params["datasets"]:
             raise CtanError(source, f"run.datasets names {name!r}, which is not under datasets:")

@@ -38,6 +38,19 @@ def architecture(arch: str) -> tuple[type[MultiTaskNet], dict[str, Any]]:
     return getattr(importlib.import_module(module), name), dict(flags)
 
 
+def attention_heads_problem(width: int, depth: int, heads: int) -> str | None:
+    """Why CTAB cannot split its bottleneck channels (width * 2**depth) into ``heads``, or None.
+    Torch-free, so that the parameters are checked when they are loaded, not when CTAN is first built."""
+    bottleneck = width * 2**depth
+    if bottleneck % heads:
+        return f"attention_heads={heads} must divide the {bottleneck} bottleneck channels (width * 2**depth)"
+    return None
+
+
+def uses_attention_heads(arch: str) -> bool:
+    return REGISTRY[arch][1] == "CTAN"
+
+
 _TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -86,4 +99,4 @@ def build_model(
     return cls(tasks, in_channels, spatial_dims, width, depth, **flags)
 
 
-__all__ = ["ARCHITECTURES", "REGISTRY", "architecture", "build_model"]
+__all__ = ["ARCHITECTURES", "REGISTRY", "architecture", "attention_heads_problem", "build_model"]

@@ -139,12 +139,11 @@ class CTAN(MultiTaskNet):
 
     @classmethod
     def check_settings(cls, width: int, depth: int, attention_heads: int) -> None:
-        bottleneck = stage_channels(width, depth)[-1]
-        if bottleneck % attention_heads:
-            raise ValueError(
-                f"attention_heads={attention_heads} must divide the {bottleneck} bottleneck channels "
-                "(width * 2**depth)"
-            )
+        from ctan.models import attention_heads_problem
+
+        problem = attention_heads_problem(width, depth, attention_heads)
+        if problem:
+            raise ValueError(problem)
 
     def __init__(
         self,
