@@ -252,3 +252,15 @@ def test_a_damaged_history_names_the_file_and_the_command_that_rebuilds_it(tmp_p
         training_cost(settings, "stl", 1)
     assert err.value.path == str(damaged)
     assert "`ctan train --dataset demo --arch stl --seed 1 --task structures`" in str(err.value)
+
+
+def test_a_metric_edited_apart_from_its_per_case_values_is_refused(run):
+    """compare takes its estimate from the metrics and its interval from the per-case values: an edit of
+    one alone put the estimate far outside its own interval."""
+    from ctan.comparison import check_per_case
+
+    doc = run["stl", 0]
+    check_per_case("m.json", doc)  # as evaluate writes it
+    doc["tasks"]["lesion"]["dice"] = 0.5
+    with pytest.raises(CtanError, match=r"m.json: tasks.lesion.dice is 0.5, but its per-case values give"):
+        check_per_case("m.json", doc)

@@ -107,6 +107,25 @@ def metrics_on(doc: Mapping[str, Any], cases: Sequence[str]) -> dict[str, dict[s
     return out
 
 
+def check_per_case(path: Path | str, doc: Mapping[str, Any]) -> None:
+    """The test-set metrics of a metrics.json must be what its per-case values give: the intervals are
+    resampled from those, the point estimates read from the metrics, and an edit of either alone would
+    put an estimate outside its own interval."""
+    again = metrics_on(doc, scored_cases(doc, path))
+    for task, metrics in doc["tasks"].items():
+        for metric, value in metrics.items():
+            given, computed = float(value), again[task][metric]
+            same = (math.isnan(given) and math.isnan(computed)) or math.isclose(
+                given, computed, rel_tol=1e-9, abs_tol=1e-12
+            )
+            if not same:
+                raise CtanError(
+                    path,
+                    f"tasks.{task}.{metric} is {given:.6g}, but its per-case values give {computed:.6g} "
+                    "(edited?); run `ctan evaluate` for it again",
+                )
+
+
 # --- the paired bootstrap --------------------------------------------------------------------------
 
 
@@ -316,9 +335,10 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
     # An external set: its own results folder, its training set's models and tasks.
     for settings, trained_on in evaluated_sets(params):
         dataset, seeds = settings.name, list(settings.seeds)  # datasets.<name>.seeds or run.seeds
-        docs = {
-            key: doc for key, (_, doc) in read_metrics(settings, run["architectures"], trained_on).items()
-        }
+        read = read_metrics(settings, run["architectures"], trained_on)
+        for path, doc in read.values():
+            check_per_case(path, doc)
+        docs = {key: doc for key, (_, doc) in read.items()}
         entry: dict[str, Any] = {
             "seeds": seeds,
             "data_hash": dvc_md5(settings.preprocessed_dir),
