@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,51 @@ def shared_data() -> Path:
             pytest.fail(f"{SHARED_DATA} is missing, and CI=true requires the real data samples")
         pytest.skip(f"real data samples not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@contextmanager
+def run_folder(root: Path) -> Iterator[Path]:
+    """Work inside ``root`` as a run's own folder (params.yaml copied in, relative paths as the workflow
+    has them, so copies of it still work), with a file MLflow store and one torch thread; the working
+    directory and environment are restored after."""
+    import shutil
+
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    # mlflow caches one store per tracking URI for the session: a relative file store ("mlruns") made in
+    # an earlier run folder would not be set up again in this one.
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    _tracking_store_registry._get_store_with_resolved_uri.cache_clear()
+    cwd = Path.cwd()
+    env = pytest.MonkeyPatch()
+    # A file store: creating a SQLite one costs ~15 s of migrations, more than a tiny run.
+    env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.chdir(root)
+    try:
+        torch.set_num_threads(1)
+        yield root
+    finally:
+        os.chdir(cwd)
+        env.undo()
+
+
+def work_in_copy(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh copy of a `run_folder` run as the working directory, set up as `run_folder` sets it up."""
+    import shutil
+
+    import torch
+
+    copy = tmp_path / "run"
+    shutil.copytree(built, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.set_num_threads(1)
+    return copy
 
 
 def copy_checkout(dest: Path) -> Path:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import run_folder, work_in_copy
 from ctan.cli import main
 from ctan.config import load_params
 
@@ -40,8 +40,6 @@ def _params_file(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A complete tiny run with relative paths (as the workflow has them), so copies of it still work."""
-    import torch
-
     from ctan.config import dataset_settings
     from ctan.evaluation import evaluate
     from ctan.fetch import download_dataset
@@ -51,15 +49,7 @@ def built(tmp_path_factory) -> Path:
     from ctan.training.trainer import train
 
     root = tmp_path_factory.mktemp("audit") / "run"
-    root.mkdir()
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    cwd = Path.cwd()
-    os.chdir(root)
-    env = pytest.MonkeyPatch()
-    env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    env.delenv("MLFLOW_TRACKING_URI", raising=False)
-    try:
-        torch.set_num_threads(1)
+    with run_folder(root):
         params = load_params([Path("params.yaml"), _params_file(root).relative_to(root)])
         settings = dataset_settings(params, DATASET)
         download_dataset(settings)
@@ -69,19 +59,13 @@ def built(tmp_path_factory) -> Path:
             train(params, DATASET, arch, 0)
             evaluate(params, DATASET, arch, 0)
         summarize(params, Path("results/summary.csv"))
-    finally:
-        os.chdir(cwd)
-        env.undo()
     return root
 
 
 @pytest.fixture
 def run(built, tmp_path, monkeypatch) -> Path:
     """A fresh copy of the tiny run, as the working directory."""
-    copy = tmp_path / "run"
-    shutil.copytree(built, copy, symlinks=True)
-    monkeypatch.chdir(copy)
-    return copy
+    return work_in_copy(built, tmp_path, monkeypatch)
 
 
 def _rows() -> list[dict[str, str]]:

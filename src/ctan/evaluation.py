@@ -4,12 +4,18 @@ Writes ``metrics.json`` (headline metrics per task, their direction, per-case va
 statistics, provenance), the predictions, and a figure of example predictions. OpenKBP dose predictions
 are also written in the challenge's CSV format on the original 128³ grid and scored there, exactly as
 the challenge does, whatever resolution training ran at.
+
+A model is scored only if it is the one the current params train on the data the training dataset's
+preprocessed folder holds now (`check_trained_on`), and only if it predicts finite values. The results
+folder is written all or none: built beside it and swapped into place when complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,14 @@ TARGET_PREFIXES = ("PTV", "CTV", "GTV")
 def load_models(
     settings, arch: str, seed: int, device: torch.device
 ) -> tuple[dict[str, torch.nn.Module], dict]:
-    """{task name: model}; an MTL model serves all its tasks, STL has one model per task."""
+    """{task name: model}; an MTL model serves all its tasks, STL has one model per task.
+
+    Each model must be the one the current params train on the data ``settings``' preprocessed folder
+    holds now (`check_trained_on`); for an external test set, ``settings`` is the training dataset's."""
     from ctan.models import build_model
 
-    paths = {t: model_dir(settings, arch, seed, t) / "model.pt" for t in networks(arch, settings.tasks)}
+    manifest = read_manifest(settings.preprocessed_dir)
+    paths = model_paths(settings, arch, seed)
     models: dict[str, torch.nn.Module] = {}
     hashes = {}
     for network, path in paths.items():
@@ -62,6 +72,7 @@ def load_models(
                 f"holds a {cfg.get('arch')} model of {', '.join(held)}, not the {arch} model of "
                 f"{', '.join(expected)} this run evaluates (copied from another run?); retrain it",
             )
+        check_trained_on(path, state, settings, manifest, arch, seed, network)
         model = build_model(
             cfg["arch"],
             tasks,
@@ -77,6 +88,67 @@ def load_models(
             models[t.name] = model
         hashes[str(path)] = file_sha256(path)
     return models, hashes
+
+
+def model_paths(settings, arch: str, seed: int) -> dict[str | None, Path]:
+    """{network: its model.pt}: one per task for STL, one (``None``) otherwise."""
+    return {t: model_dir(settings, arch, seed, t) / "model.pt" for t in networks(arch, settings.tasks)}
+
+
+def check_trained_on(
+    path: Path, state: dict[str, Any], settings, manifest: dict[str, Any], arch: str, seed: int, network
+) -> None:
+    """Refuse a model trained on other data than ``settings``' preprocessed folder holds now (its
+    ``data_hash``), or with other training or model settings, tasks or intensity mapping (CT window)
+    than the current params and stores give (its ``config_hash`` against the one `ctan train` would
+    compute now): scores filed under these params would not be this model's."""
+    from ctan.config import params_hash
+    from ctan.training.trainer import identity_differences, run_identity, training_values
+
+    how = f"ctan train --dataset {settings.name} --arch {arch} --seed {seed}" + (
+        f" --task {network}" if network else ""
+    )
+    recorded_data, data_now = state.get("data_hash"), manifest["data_hash"]
+    if recorded_data != data_now:
+        raise CtanError(
+            path,
+            f"trained on other data (data_hash {str(recorded_data)[:12]}) than {settings.preprocessed_dir} "
+            f"holds now ({str(data_now)[:12]}); retrain it: `{how}`",
+        )
+    tasks = dataset_tasks(settings, manifest, only=network)
+    cfg = training_values(settings, arch, network, True)
+    current = run_identity(settings, manifest, arch, seed, tasks, cfg)
+    expected = params_hash(current)
+    if state.get("config_hash") == expected:
+        return
+    recorded = state.get("identity")
+    diffs = identity_differences(recorded, current) if isinstance(recorded, dict) else []
+    if diffs:
+        what = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+    else:  # a model from before the record was kept (or an edited one): only the hashes to show
+        recorded_hash = str(state.get("config_hash"))[:16]
+        what = f"config_hash {recorded_hash} -> {expected}; no recorded settings to compare"
+    raise CtanError(
+        path,
+        f"trained with other training/model settings than the current params and data give "
+        f"(recorded -> now: {what}); retrain it: `{how}`",
+    )
+
+
+def check_finite(
+    preds: dict[str, np.ndarray], paths: dict[str | None, Path], arch: str, case_id: str
+) -> None:
+    """Refuse a model that predicts NaN or infinity (a diverged training), naming its file."""
+    from ctan.layout import per_task
+
+    for task, pred in preds.items():
+        if not np.isfinite(pred).all():
+            path = paths[task if per_task(arch) else None]
+            raise CtanError(
+                path,
+                f"predicts non-finite values ({task}, test case {case_id}): its training diverged; "
+                "retrain it with a lower training.lr",
+            )
 
 
 @torch.no_grad()
@@ -138,21 +210,43 @@ def evaluate(
 ) -> Path:
     """Score the models of ``dataset`` on its test split, or with ``on`` on every case of that external
     test set of it (results under ``results/<dataset>/external/<on>/``); return the metrics.json path."""
-    from ctan import metrics
-    from ctan.loader import CaseDataset
-    from ctan.store import SplitStore
-
     settings = dataset_settings(params, dataset).trainable()
     data = external_test_set(params, settings, on) if on else settings  # the store evaluated
     manifest = read_manifest(data.preprocessed_dir)
     if on:
         check_external_manifest(read_manifest(settings.preprocessed_dir), manifest, settings, data)
+        check_external_intensity(settings, data)
     tasks = dataset_tasks(settings, manifest)
     dev = pick_device(device)
     models, model_hashes = load_models(settings, arch, seed, dev)
-    out = results_dir(data, arch, seed)
-    if out.exists():
-        shutil.rmtree(out)
+    final = results_dir(data, arch, seed)
+    # All or nothing: the results are built in a hidden sibling folder and swapped into place only when
+    # complete, so a failure keeps the previous results and leaves no partial folder behind.
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        out = work / final.name
+        _evaluate_into(
+            out, params, settings, data, manifest, tasks, arch, seed, dev, on, models, model_hashes
+        )
+        if final.exists():
+            os.replace(final, work / "replaced")
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final / "metrics.json"
+
+
+def _evaluate_into(
+    out: Path, params, settings, data, manifest, tasks, arch, seed, dev, on, models, model_hashes
+) -> None:
+    """Everything `evaluate` writes, into the folder ``out`` (not yet in place)."""
+    from ctan import metrics
+    from ctan.loader import CaseDataset
+    from ctan.store import SplitStore
+
+    dataset = settings.name
+    paths = model_paths(settings, arch, seed)
     pred_dir = out / "predictions"
     pred_dir.mkdir(parents=True)
 
@@ -169,6 +263,7 @@ def evaluate(
         case_id = item["case_id"]
         attrs = store.case_attrs(case_id)
         preds = predict(models, tasks, item["image"].to(dev))
+        check_finite(preds, paths, arch, case_id)
         dense_out = {}
         for t in tasks:
             if t.kind == "regression":
@@ -244,7 +339,6 @@ def evaluate(
             _plot_median_case(data, arch, seed, tasks, test_set, store, pred_dir, per_case, out)
         except ImportError:  # no matplotlib
             pass
-    return out / "metrics.json"
 
 
 def external_test_set(params: dict[str, Any], settings, on: str):
@@ -274,6 +368,22 @@ def check_external_manifest(training: dict[str, Any], external: dict[str, Any], 
             data.preprocessed_dir,
             f"external test set {data.name} does not match its training dataset {settings.name}: "
             + "; ".join(problems),
+        )
+
+
+def check_external_intensity(settings, data) -> None:
+    """The external test set's stores must be normalised as the training dataset's are (CT window)."""
+    from ctan.store import SplitStore
+    from ctan.training.trainer import store_intensity
+
+    trained = store_intensity(settings.preprocessed_dir)
+    path = data.preprocessed_dir / "test.zarr"
+    here = dict(SplitStore.open(path).attrs.get("intensity") or {})
+    if json.loads(json.dumps(here)) != trained:
+        raise CtanError(
+            path,
+            f"intensity mapping {here} differs from {trained} of the training dataset {settings.name}: "
+            f"run `ctan preprocess {data.name} --force`",
         )
 
 

@@ -32,6 +32,21 @@ from ctan.training.selection import classification_metrics, improves, selection_
 from ctan.training.weighting import build_weighting
 
 
+class NonFiniteLoss(CtanError):
+    """The training loss (or the weights) became non-finite: no model is written.
+
+    A subclass so that `ctan tune` can score a diverging grid point as a failure instead of aborting."""
+
+    def __init__(self, path: str | Path | None, epoch: int, step: int | None, what: str) -> None:
+        self.epoch, self.step, self.what = epoch, step, what
+        where = f"epoch {epoch}" + (f", step {step}" if step is not None else "")
+        super().__init__(
+            path,
+            f"training diverged at {where}: {what}; no model written; lower training.lr "
+            "(or use another weighting) and train again",
+        )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -107,9 +122,12 @@ def run_epoch(
     desc: str = "",
     precision: str = "auto",
     layout: torch.memory_format = torch.contiguous_format,
+    epoch: int = 0,
 ) -> dict[str, Any]:
     """One pass over a loader; trains when an optimizer is given. Returns mean losses and metrics.
-    ``precision`` chooses autocast (`_autocast`), ``layout`` the memory format of the images."""
+    ``precision`` chooses autocast (`_autocast`), ``layout`` the memory format of the images.
+    A non-finite training loss raises `NonFiniteLoss` (naming ``epoch`` and the step) before
+    the step is taken."""
     training = optimizer is not None
     model.train(training)
     sums: dict[str, float] = {t.name: 0.0 for t in tasks}
@@ -134,6 +152,19 @@ def run_epoch(
                 losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
             if training:
                 total = weighting(losses)
+                if not torch.isfinite(total.detach()):
+                    bad = [
+                        f"{t} {float(v.detach())}"
+                        for t, v in losses.items()
+                        if not torch.isfinite(v.detach())
+                    ]
+                    raise NonFiniteLoss(
+                        None,
+                        epoch,
+                        n_batches + 1,
+                        f"the training loss is {float(total.detach())}"
+                        + (f" ({', '.join(bad)})" if bad else ""),
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
@@ -195,10 +226,8 @@ def train(
     out = Path(out) if out is not None else model_dir(settings, arch, seed, task)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
-    identity = {"dataset": dataset, "arch": arch, "seed": seed, "tasks": [t.to_dict() for t in tasks]}
-    config_hash = params_hash(
-        {**identity, "training": cfg, "model": settings.model, "data_hash": manifest["data_hash"]}
-    )
+    identity = run_identity(settings, manifest, arch, seed, tasks, cfg)
+    config_hash = params_hash(identity)
     code_hash = checkpoint.code_hash()
 
     seed_everything(seed)
@@ -239,7 +268,12 @@ def train(
             disable=None,
         )
         for epoch in bar:
-            record = train_one_epoch(state, tasks, train_loader, val_loader, epoch, dev, precision, layout)
+            try:
+                record = train_one_epoch(
+                    state, tasks, train_loader, val_loader, epoch, dev, precision, layout
+                )
+            except NonFiniteLoss as err:  # named by the model folder, which gets no model.pt
+                raise NonFiniteLoss(out, err.epoch, err.step, err.what) from None
             best = state.history[state.best_epoch - 1] if state.best_epoch else None
             state.add(record, better=best is not None and improves(record, best))
             tracking.log_metrics(_flatten_record(record), step=epoch)
@@ -251,8 +285,59 @@ def train(
             if not sys.stderr.isatty():  # a batch log (Snakemake, SLURM): no progress bar, one line an epoch
                 print(_epoch_line(record, cfg["epochs"], state.best_epoch), file=sys.stderr, flush=True)
             state.save(ckpt_path, config_hash, code_hash)
-        write_model(out, dev, state, model_config, tasks, config_hash, manifest["data_hash"], params)
+        write_model(out, dev, state, model_config, tasks, config_hash, identity, params)
     return [out]
+
+
+def store_intensity(store_dir: Path) -> dict[str, Any]:
+    """The intensity mapping the loader applies to the training split (the CT window, or the RGB scale),
+    from the store's attributes: the arrays keep HU, so the manifest's data_hash does not see it."""
+    from ctan.store import SplitStore
+
+    path = Path(store_dir) / "train.zarr"
+    try:
+        return json.loads(json.dumps(SplitStore.open(path).attrs.get("intensity") or {}))
+    except CtanError:
+        raise
+    except Exception as err:
+        raise CtanError(
+            path, f"unreadable split store ({type(err).__name__}); re-run `ctan preprocess`"
+        ) from None
+
+
+def run_identity(
+    settings, manifest: dict[str, Any], arch: str, seed: int, tasks: list[Task], cfg: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything a trained model is the product of, as plain JSON values: its ``config_hash`` is the
+    hash of this. A checkpoint resumes only the same identity, and `ctan evaluate` refuses a model
+    whose recorded identity differs from the one the current params and data give."""
+    identity = {
+        "dataset": settings.name,
+        "arch": arch,
+        "seed": seed,
+        "tasks": [t.to_dict() for t in tasks],
+        "training": cfg,
+        "model": settings.model,
+        "data_hash": manifest["data_hash"],
+        "intensity": store_intensity(settings.preprocessed_dir),
+    }
+    return json.loads(json.dumps(identity))
+
+
+def identity_differences(recorded: Any, current: Any, prefix: str = "") -> list[str]:
+    """``key: recorded -> current`` for each leaf where two identities differ."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        out: list[str] = []
+        for key in sorted(set(recorded) | set(current), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in recorded:
+                out.append(f"{name}: (none) -> {current[key]!r}")
+            elif key not in current:
+                out.append(f"{name}: {recorded[key]!r} -> (none)")
+            else:
+                out.extend(identity_differences(recorded[key], current[key], name))
+        return out
+    return [] if recorded == current else [f"{prefix or 'value'}: {recorded!r} -> {current!r}"]
 
 
 def training_values(settings, arch: str, task: str | None, tuned: bool) -> dict[str, Any]:
@@ -359,8 +444,20 @@ def train_one_epoch(
     model, weighting, optimizer = state.model, state.weighting, state.optimizer
     train_loader.sampler.set_epoch(epoch)
     tr = run_epoch(
-        model, weighting, tasks, train_loader, dev, optimizer, f"epoch {epoch} train", precision, layout
+        model,
+        weighting,
+        tasks,
+        train_loader,
+        dev,
+        optimizer,
+        f"epoch {epoch} train",
+        precision,
+        layout,
+        epoch,
     )
+    # The last step's update can make the weights non-finite with a finite loss (one step an epoch).
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
+        raise NonFiniteLoss(None, epoch, None, "the weights became non-finite after the last step")
     weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
     va = run_epoch(model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout)
     state.scheduler.step()
@@ -388,7 +485,7 @@ def write_model(
     model_config: dict[str, Any],
     tasks: list[Task],
     config_hash: str,
-    data_hash: str,
+    identity: dict[str, Any],
     params: dict[str, Any],
 ) -> None:
     """What later stages read: the kept epoch's weights (model.pt + its SHA-256), history.json,
@@ -401,7 +498,8 @@ def write_model(
         "state_dict": state.best_model,
         "best_epoch": state.best_epoch,
         "config_hash": config_hash,
-        "data_hash": data_hash,
+        "data_hash": identity["data_hash"],
+        "identity": identity,  # what config_hash is the hash of: `ctan evaluate` names what differs
     }
     checkpoint.save_model(final, out / "model.pt")
     from ctan.provenance import machine
