@@ -77,3 +77,170 @@ def test_training_refuses_to_guess_without_the_tuning_choice(tmp_path):
         tuned_values(settings, "ctan")
     single = dataset_settings(_params(tmp_path, [0.002]), "ham10000_demo")
     assert tuned_values(single, "ctan") == {}  # one point: used as given, nothing to tune
+
+
+# choice.json records what it depends on; `ctan train` refuses a stale or damaged one in one line.
+
+TUNE_HPS = "ctan tune --dataset ham10000_demo --arch hps"
+
+
+@pytest.fixture(scope="module")
+def tuned(prepared) -> tuple[Path, str]:
+    """The HPS choice of a fresh tuning (path, its text, to restore after a test edits it)."""
+    from ctan.training.tuning import tune
+
+    (path,) = tune(_params(prepared, [0.001, 0.003]), "ham10000_demo", "hps")
+    return path, path.read_text()
+
+
+def _variant(root: Path, section: str, key: str, value) -> dict:
+    params = _params(root, [0.001, 0.003])
+    params[section] = {**params[section], key: value}
+    return params
+
+
+def _refused(settings, arch: str = "hps", task: str | None = None) -> str:
+    from ctan.training.tuning import tuned_values
+
+    with pytest.raises(CtanError) as err:
+        tuned_values(settings, arch, task)
+    message = str(err.value)
+    assert "\n" not in message and "choice.json" in message, message
+    return message
+
+
+def test_a_fresh_tuning_choice_is_accepted_and_records_what_it_depends_on(prepared, tuned):
+    from ctan.manifest import read_manifest
+    from ctan.training.tuning import tune, tuned_values
+
+    path, _ = tuned
+    params = _params(prepared, [0.001, 0.003])
+    settings = dataset_settings(params, "ham10000_demo")
+    choice = json.loads(path.read_text())
+    depends = choice["depends_on"]
+    assert depends["data_hash"] == read_manifest(settings.preprocessed_dir)["data_hash"]
+    assert depends["tuning"] == {"grid": {"lr": [0.001, 0.003]}, "epochs": 1, "seed": 0}
+    assert "lr" not in depends["training"] and depends["training"]["weighting"] == "equal"
+    assert tuned_values(settings, "hps") == choice["chosen"]
+    # The training epochs are not the tuning runs' epochs (tuning.epochs is set): still the same choice.
+    longer = dataset_settings(_variant(prepared, "training", "epochs", 7), "ham10000_demo")
+    assert tuned_values(longer, "hps") == choice["chosen"]
+    for stl in tune(params, "ham10000_demo", "stl"):  # each STL network's choice is accepted as well
+        assert tuned_values(settings, "stl", stl.parent.name) == json.loads(stl.read_text())["chosen"]
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        ("tuning", "epochs", 2, "tuning.epochs: 1 -> 2"),
+        ("tuning", "seed", 3, "tuning.seed: 0 -> 3"),
+        ("training", "weighting", "uncertainty", 'training.weighting: "equal" -> "uncertainty"'),
+        ("training", "augment", False, "training.augment: true -> false"),
+        ("model", "width", 4, "model.width: 8 -> 4"),
+    ],
+)
+def test_a_choice_made_for_other_settings_is_refused(prepared, tuned, section, key, value, named):
+    settings = dataset_settings(_variant(prepared, section, key, value), "ham10000_demo")
+    message = _refused(settings)
+    assert "stale" in message and named in message and TUNE_HPS in message, message
+
+
+def test_a_choice_made_on_other_data_or_for_another_model_is_refused(prepared, tuned, tmp_path):
+    from ctan.layout import choice_path
+
+    path, text = tuned
+    settings = dataset_settings(_params(prepared, [0.001, 0.003]), "ham10000_demo")
+    choice = json.loads(text)
+    try:
+        path.write_text(json.dumps({**choice, "depends_on": {**choice["depends_on"], "data_hash": "0" * 64}}))
+        assert "preprocessed data changed" in _refused(settings)
+    finally:
+        path.write_text(text)
+    copied = choice_path(settings, "mtan")  # hps's choice copied into mtan's folder
+    copied.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        copied.write_text(text)
+        message = _refused(settings, "mtan")
+        assert (
+            'architecture: "hps" -> "mtan"' in message
+            and "ctan tune --dataset ham10000_demo --arch mtan" in message
+        )
+    finally:
+        copied.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not json",
+        "a list",
+        "no chosen",
+        "older ctan",
+        "off the grid",
+        "negative lr",
+        "a string",
+        "a bool",
+        "another key",
+        "not the best",
+    ],
+)
+def test_a_damaged_choice_is_a_one_line_error(prepared, tuned, damage):
+    path, text = tuned
+    settings = dataset_settings(_params(prepared, [0.001, 0.003]), "ham10000_demo")
+    choice = json.loads(text)
+    other = next(c["point"] for c in choice["candidates"] if c["point"] != choice["chosen"])
+    edits = {
+        "not json": "{broken",
+        "a list": "[]",
+        "no chosen": {k: v for k, v in choice.items() if k != "chosen"},
+        "older ctan": {k: v for k, v in choice.items() if k not in ("depends_on", "depends_on_hash")},
+        "off the grid": {**choice, "chosen": {"lr": 0.007}},
+        "negative lr": {**choice, "chosen": {"lr": -1}},
+        "a string": {**choice, "chosen": {"lr": "0.001"}},
+        "a bool": {**choice, "chosen": {"lr": True}},
+        "another key": {**choice, "chosen": {"epochs": 1.5}},
+        "not the best": {**choice, "chosen": other},
+    }
+    edit = edits[damage]
+    try:
+        path.write_text(edit if isinstance(edit, str) else json.dumps(edit))
+        message = _refused(settings)
+        assert TUNE_HPS in message, message
+    finally:
+        path.write_text(text)
+
+
+def test_a_diverging_grid_point_is_recorded_as_failed(prepared, monkeypatch):
+    """The trainer's NonFiniteLoss (a CtanError) for one point: tuning goes on; for every point: it fails."""
+    import ctan.training.trainer as trainer
+    from ctan.training.tuning import tune, tuned_values
+
+    class NonFiniteLoss(CtanError):
+        pass
+
+    monkeypatch.setattr(trainer, "NonFiniteLoss", NonFiniteLoss, raising=False)
+    real_train = trainer.train
+    diverging: set[float] = set()
+
+    def train(params, dataset, *args, **kwargs):
+        lr = params["datasets"][dataset]["training"]["lr"]
+        if lr in diverging:
+            raise NonFiniteLoss(None, f"non-finite training loss at epoch 1 (lr {lr})")
+        return real_train(params, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", train)
+    params = _params(prepared, [0.001, 0.003])
+    settings = dataset_settings(params, "ham10000_demo")
+
+    diverging.update({0.001, 0.003})
+    with pytest.raises(CtanError, match="every point of the tuning grid diverged"):
+        tune(params, "ham10000_demo", "ctan")
+    assert not (prepared / "models" / "ham10000_demo" / "ctan" / "tuning" / "choice.json").exists()
+
+    diverging.discard(0.003)
+    (path,) = tune(params, "ham10000_demo", "ctan")
+    choice = json.loads(path.read_text())
+    failed, trained = choice["candidates"]
+    assert failed["point"] == {"lr": 0.001} and failed["failed"].startswith("non-finite loss")
+    assert failed["score"] is None and trained["score"] is not None
+    assert choice["chosen"] == {"lr": 0.003} == tuned_values(settings, "ctan")

@@ -9,18 +9,26 @@ The choice is written to ``models/<dataset>/<arch>/tuning[/<task>]/choice.json``
 applies it, and `ctan evaluate` copies it into metrics.json's provenance.
 
 A grid with one value per key needs no tuning jobs: the value is used as given.
+
+choice.json records what the choice depends on (``depends_on``: the grid, the tuning epochs and seed,
+the other training settings and the model settings the tuning runs used, the task definitions and the
+preprocessed data's ``data_hash``); `ctan train` refuses a choice made for anything else, and a damaged
+one, with a one-line error naming the file and the `ctan tune` command that redoes it. A grid point
+whose training diverges (the trainer's ``NonFiniteLoss``) is recorded as failed, ranked below every
+trained point; the tuning fails only if every point diverges.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctan.config import DatasetSettings, dataset_settings
+from ctan.config import DatasetSettings, dataset_settings, params_hash
 from ctan.errors import CtanError
 from ctan.layout import check_task_option, choice_path, per_task
 from ctan.training.selection import gap_closed, selection_metric
@@ -38,17 +46,128 @@ def needs_tuning(settings: DatasetSettings) -> bool:
 
 
 def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) -> dict[str, Any]:
-    """The training values a job must use: the tuning choice where the grid has several points."""
+    """The training values a job must use: the tuning choice where the grid has several points.
+
+    CtanError, naming choice.json and the `ctan tune` command to run, where the choice is missing,
+    damaged, or was made for other settings or data than the current ones."""
     if not needs_tuning(settings):
         return {}
     path = choice_path(settings, arch, task)
+    how = _tune_command(settings, arch, task)
     if not path.is_file():
-        how = f"ctan tune --dataset {settings.name} --arch {arch}" + (f" --task {task}" if task else "")
         raise CtanError(path, f"missing: the tuning grid has several points; run `{how}` first")
-    choice = json.loads(path.read_text())
-    if choice.get("grid") != grid(settings):
-        raise CtanError(path, "made for another tuning grid; run `ctan tune` again")
-    return dict(choice["chosen"])
+    try:
+        choice = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CtanError(path, f"unreadable tuning choice ({err}); run `{how}` again") from None
+    if not isinstance(choice, dict):
+        raise CtanError(path, f"not a tuning choice (not a JSON object); run `{how}` again")
+    missing = [k for k in ("grid", "chosen", "chosen_score", "candidates") if k not in choice]
+    if missing:
+        raise CtanError(path, f"not a tuning choice (missing {', '.join(missing)}); run `{how}` again")
+    if "depends_on" not in choice:
+        raise CtanError(
+            path,
+            f"records nothing of the settings and data it was made for (an older ctan); run `{how}` again",
+        )
+    changes = _changes(choice["depends_on"], _depends_on(settings, arch, task))
+    if changes:
+        what = "; ".join(changes)
+        raise CtanError(path, f"stale: made for other settings or data ({what}); run `{how}` again")
+    chosen = _check_chosen(path, choice, grid(settings), how)
+    return chosen
+
+
+def _tune_command(settings: DatasetSettings, arch: str, task: str | None) -> str:
+    return f"ctan tune --dataset {settings.name} --arch {arch}" + (f" --task {task}" if task else "")
+
+
+def _depends_on(settings: DatasetSettings, arch: str, task: str | None) -> dict[str, Any]:
+    """What a tuning choice depends on: the grid and the tuning runs' settings, tasks and data.
+
+    ``training``: the settings every tuning run used, but the tuned keys (the grid) and the epochs
+    (``tuning.epochs``: each run's epochs, the training epochs where it is null). JSON-normalised, so
+    that it compares equal to its copy read back from choice.json."""
+    from ctan.manifest import read_manifest
+
+    cfg = settings.tuning
+    manifest = read_manifest(settings.preprocessed_dir)
+    training = {k: v for k, v in settings.training.items() if k not in KEYS and k != "epochs"}
+    document = {
+        "dataset": settings.name,
+        "architecture": arch,
+        "task": task or "all",
+        "tuning": {
+            "grid": grid(settings),
+            "epochs": int(cfg.get("epochs") or settings.training["epochs"]),
+            "seed": int(cfg.get("seed", 0)),
+        },
+        "training": training,
+        "model": settings.model,
+        "tasks": [t.to_dict() for t in _tasks(settings, task, manifest)],
+        "data_hash": manifest["data_hash"],
+    }
+    return json.loads(json.dumps(document))
+
+
+def _changes(recorded: Any, current: dict[str, Any]) -> list[str]:
+    """What differs between the recorded ``depends_on`` and the current one, key by key."""
+    if not isinstance(recorded, dict):
+        return ["depends_on is not a JSON object"]
+    out = []
+    for key, now in current.items():
+        was = recorded.get(key)
+        if was == now:
+            continue
+        if key == "data_hash":
+            out.append("the preprocessed data changed (data_hash)")
+        elif key == "tasks":
+            out.append("the task definitions changed")
+        elif isinstance(now, dict) and isinstance(was, dict):
+            for sub in sorted(set(now) | set(was)):
+                if was.get(sub) != now.get(sub):
+                    out.append(f"{key}.{sub}: {_short(was.get(sub))} -> {_short(now.get(sub))}")
+        else:
+            out.append(f"{key}: {_short(was)} -> {_short(now)}")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_chosen(path: Path, choice: dict[str, Any], g: dict[str, list[Any]], how: str) -> dict[str, Any]:
+    """The ``chosen`` point, checked: a point of the grid, and the trained candidate with the best score."""
+    chosen = choice["chosen"]
+    if not isinstance(chosen, dict) or set(chosen) != set(g):
+        raise CtanError(path, f"damaged: chosen must hold exactly {', '.join(sorted(g))}; run `{how}` again")
+    for key, value in chosen.items():
+        if not _is_number(value) or value not in g[key]:
+            raise CtanError(
+                path,
+                f"damaged: chosen {key}={_short(value)} is not a point of the grid {g[key]}; "
+                f"run `{how}` again",
+            )
+    candidates = choice["candidates"]
+    if not isinstance(candidates, list) or not all(
+        isinstance(c, dict)
+        and isinstance(c.get("point"), dict)
+        and (c.get("score") is None or _is_number(c["score"]))
+        for c in candidates
+    ):
+        raise CtanError(path, f"damaged: candidates are not a list of scored grid points; run `{how}` again")
+    trained = [c for c in candidates if c.get("score") is not None and not c.get("failed")]
+    if not trained or not _is_number(choice["chosen_score"]):
+        raise CtanError(path, f"damaged: no trained candidate or no chosen_score; run `{how}` again")
+    best = max(trained, key=lambda c: c["score"])  # first of equals, as `tune` picks
+    if best["point"] != chosen or best["score"] != choice["chosen_score"]:
+        raise CtanError(path, f"damaged: chosen is not the best-scoring candidate; run `{how}` again")
+    return dict(chosen)
 
 
 def _points(settings: DatasetSettings) -> list[dict[str, Any]]:
@@ -79,6 +198,7 @@ def tune(
     out.parent.mkdir(parents=True, exist_ok=True)
     if not needs_tuning(settings):  # `dvc repro` runs every stage: record the given values, train nothing
         (point,) = _points(settings)
+        depends_on = _depends_on(settings, arch, task)
         return [
             _write(
                 out,
@@ -90,9 +210,13 @@ def tune(
                     "candidates": [],
                     "chosen": point,
                     "chosen_score": None,
+                    "depends_on": depends_on,
+                    "depends_on_hash": params_hash(depends_on),
                 },
             )
         ]
+    depends_on = _depends_on(settings, arch, task)  # before training: a missing manifest fails fast
+    out.unlink(missing_ok=True)  # a tuning that fails leaves no choice behind, not the previous one
     candidates = []
     for point in _points(settings):
         overrides = {**point}
@@ -102,23 +226,48 @@ def tune(
         entry = trial["datasets"][dataset]
         entry["training"] = {**entry.get("training", {}), **overrides}
         folder = out.parent / _point_name(point)
-        (model_folder,) = train(trial, dataset, arch, seed, task=task, device=device, out=folder, tuned=False)
+        try:
+            (model_folder,) = train(
+                trial, dataset, arch, seed, task=task, device=device, out=folder, tuned=False
+            )
+        except CtanError as err:
+            if not _diverged(err):
+                raise
+            print(f"tuning {folder}: diverged ({err.problem}); recorded as failed", file=sys.stderr)
+            candidates.append(
+                {
+                    "point": point,
+                    "failed": f"non-finite loss: {err.problem}",
+                    "best_epoch": None,
+                    "val_metrics": None,
+                    "score": None,
+                }
+            )
+            continue
         history = json.loads((model_folder / "history.json").read_text())
         kept = history["epochs"][history["best_epoch"] - 1]
         candidates.append(
             {"point": point, "best_epoch": history["best_epoch"], "val_metrics": kept["val_metrics"]}
         )
 
+    trained = [c for c in candidates if not c.get("failed")]
+    if not trained:
+        raise CtanError(
+            out,
+            f"every point of the tuning grid diverged (non-finite loss; first: {candidates[0]['failed']}); "
+            "try smaller values in tuning.lr",
+        )
     tasks = _tasks(settings, task)
-    for c in candidates:
+    for c in trained:
         shares = []
         for t in tasks:
             name, higher = selection_metric(t)
-            values = [d["val_metrics"][t.name][name] for d in candidates]
+            values = [d["val_metrics"][t.name][name] for d in trained]
             worst = min(values) if higher else max(values)
             shares.append(gap_closed(c["val_metrics"][t.name][name], worst, higher))
         c["score"] = float(np.mean(shares))
-    best = max(candidates, key=lambda c: c["score"])  # first of equals: the grid's order decides ties
+    # First of equals: the grid's order decides ties. A diverged point (score None) ranks below all.
+    best = max(trained, key=lambda c: c["score"])
     document = {
         "dataset": dataset,
         "architecture": arch,
@@ -130,7 +279,10 @@ def tune(
         "chosen": best["point"],
         "chosen_score": best["score"],
         "rule": "mean over tasks of the share of the gap to a perfect validation score closed, "
-        "from the grid's worst point; split: validation only",
+        "from the grid's worst trained point; a diverged point (failed) ranks below every trained one; "
+        "split: validation only",
+        "depends_on": depends_on,
+        "depends_on_hash": params_hash(depends_on),
     }
     return [_write(out, document)]
 
@@ -142,8 +294,18 @@ def _write(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def _tasks(settings: DatasetSettings, task: str | None):
+def _tasks(settings: DatasetSettings, task: str | None, manifest: dict[str, Any] | None = None):
     from ctan.manifest import read_manifest
     from ctan.tasks import dataset_tasks
 
-    return dataset_tasks(settings, read_manifest(settings.preprocessed_dir), only=task)
+    if manifest is None:
+        manifest = read_manifest(settings.preprocessed_dir)
+    return dataset_tasks(settings, manifest, only=task)
+
+
+def _diverged(err: BaseException) -> bool:
+    """Whether a tuning run failed because its loss became non-finite (the trainer's NonFiniteLoss;
+    imported here because the trainer imports this module)."""
+    from ctan.training.trainer import NonFiniteLoss
+
+    return isinstance(err, NonFiniteLoss)
