@@ -264,3 +264,16 @@ def test_a_metric_edited_apart_from_its_per_case_values_is_refused(run):
     doc["tasks"]["lesion"]["dice"] = 0.5
     with pytest.raises(CtanError, match=r"m.json: tasks.lesion.dice is 0.5, but its per-case values give"):
         check_per_case("m.json", doc)
+
+
+def test_a_seed_without_a_delta_is_left_out_as_the_summary_leaves_it_out(run):
+    """compare once printed "+nan ± nan" where the summary averaged the seeds with a Δ: one rule now."""
+    from ctan.metrics.mtl import over_seeds
+
+    for case in run["better", 2]["per_case"]["lesion"].values():
+        case["dice"] = math.nan
+    run["better", 2]["tasks"]["lesion"]["dice"] = math.nan
+    better = paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=50)
+    assert math.isnan(better["per_seed"][2])
+    assert better["delta_mtl"] == pytest.approx(5.0) and better["seeds_with_delta"] == 2
+    assert (better["delta_mtl"], better["std_over_seeds"], 2) == over_seeds(better["per_seed"])

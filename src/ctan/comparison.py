@@ -151,7 +151,7 @@ def paired_bootstrap_delta(
     architecture sees the same ones (paired); ``draws`` holds the hierarchical resamples for paired
     differences between architectures (`paired_difference`). Pass one ``cache`` dict for all
     architectures to recompute STL's metrics only once."""
-    from ctan.metrics.mtl import delta_mtl
+    from ctan.metrics.mtl import delta_mtl, over_seeds
 
     cases = scored_cases(docs["stl", seeds[0]])
     for seed in seeds:
@@ -191,9 +191,11 @@ def paired_bootstrap_delta(
     cases_low, cases_high = _interval(cases_only, confidence)
     low, high = _interval(hierarchical, confidence)
     finite = hierarchical[np.isfinite(hierarchical)]
+    mean, std, defined = over_seeds(per_seed)  # as the summary has it
     return {
-        "delta_mtl": float(np.mean(per_seed)),
-        "std_over_seeds": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "delta_mtl": mean,
+        "std_over_seeds": std if defined else 0.0,
+        "seeds_with_delta": defined,
         "per_seed": per_seed,
         "ci_low": low,
         "ci_high": high,
@@ -518,8 +520,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             cases_ci = _ci(d.get("cases_ci_low", math.nan), d.get("cases_ci_high", math.nan))
             detectable = d.get("detectable_pct", math.nan)
             detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
-            seeds_text = ", ".join(f"{v:+.2f}" for v in d["per_seed"])
-            spread = f" ± {d['std_over_seeds']:.2f}" if len(d["per_seed"]) > 1 else ""
+            seeds_text = ", ".join(f"{v:+.2f}" if math.isfinite(v) else "n/a" for v in d["per_seed"])
+            defined = d.get("seeds_with_delta", len(d["per_seed"]))
+            spread = f" ± {d['std_over_seeds']:.2f}" if defined > 1 else ""
+            if defined < len(d["per_seed"]):
+                spread += f" ({defined} of {len(d['per_seed'])} seeds defined)"
             paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
             lines.append(
                 f"| {arch} | {d['delta_mtl']:+.2f}{spread} | {ci} | {cases_ci} | {detectable_text} | "

@@ -23,8 +23,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ctan.config import params_hash
 from ctan.errors import CtanError
 from ctan.outputs import staged
@@ -96,7 +94,7 @@ def dataset_rows(
 
     ``where`` holds what the documents do not: data_hash, data_path, raw_path, results_path, params_hash.
     """
-    from ctan.metrics.mtl import delta_mtl, relative_change
+    from ctan.metrics.mtl import delta_mtl, over_seeds, relative_change
 
     rows: list[dict[str, Any]] = []
     digests = {key: file_sha256(path) for key, (path, _) in docs.items()}
@@ -149,7 +147,7 @@ def dataset_rows(
                     )
             deltas.append(delta_mtl(doc["tasks"], stl["tasks"], doc["higher_is_better"], primary))
             last_common = common
-        finite = [d for d in deltas if math.isfinite(d)]
+        mean, std, n_seeds = over_seeds(deltas)
         rows.append(
             {
                 **last_common,
@@ -157,9 +155,9 @@ def dataset_rows(
                 "seed": "all",
                 "task": "all",
                 "metric": "delta_mtl_pct",
-                "value": float(np.mean(finite)) if finite else float("nan"),
-                "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,
-                "n_seeds": len(finite),
+                "value": mean,
+                "std": std if n_seeds else 0.0,
+                "n_seeds": n_seeds,
                 "higher_is_better": True,
                 "mlflow_run_id": "",
                 "model_sha256": "",

@@ -99,3 +99,14 @@ def delta_mtl(
     if not per_task:
         raise CtanError(None, "Δ_MTL needs at least one task with one metric")
     return sum(per_task) / len(per_task)
+
+
+def over_seeds(deltas: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, std, n) of the seeds whose Δ_MTL is defined: the one rule of the summary and the comparison
+    (a seed whose Δ is undefined is left out and ``n`` says so, rather than making the mean NaN)."""
+    finite = [float(d) for d in deltas if math.isfinite(d)]
+    if not finite:
+        return math.nan, math.nan, 0
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((d - mean) ** 2 for d in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std, len(finite)
