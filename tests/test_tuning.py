@@ -244,3 +244,10 @@ def test_a_diverging_grid_point_is_recorded_as_failed(prepared, monkeypatch):
     assert failed["point"] == {"lr": 0.001} and failed["failed"].startswith("non-finite loss")
     assert failed["score"] is None and trained["score"] is not None
     assert choice["chosen"] == {"lr": 0.003} == tuned_values(settings, "ctan")
+
+
+def test_grid_points_get_folders_of_their_own():
+    from ctan.training.tuning import _point_name
+
+    assert _point_name({"lr": 0.001}) == "lr0.001" and _point_name({"lr": 3e-4}) == "lr0.0003"
+    assert _point_name({"lr": 0.0010000001}) != _point_name({"lr": 0.001})

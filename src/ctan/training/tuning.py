@@ -179,7 +179,9 @@ def _points(settings: DatasetSettings) -> list[dict[str, Any]]:
 
 
 def _point_name(point: dict[str, Any]) -> str:
-    return "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
+    """A grid point's folder name: floats as their shortest exact form (0.001 stays ``lr0.001``), so two
+    points never share a folder (6 significant digits made 0.0010000001 and 0.001 overwrite each other)."""
+    return "_".join(f"{k}{v!r}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
 
 
 def tune(
