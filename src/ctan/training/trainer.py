@@ -289,12 +289,12 @@ def train(
     return [out]
 
 
-def store_intensity(store_dir: Path) -> dict[str, Any]:
-    """The intensity mapping the loader applies to the training split (the CT window, or the RGB scale),
-    from the store's attributes: the arrays keep HU, so the manifest's data_hash does not see it."""
+def store_intensity(store_dir: Path, split: str = "train") -> dict[str, Any]:
+    """The intensity mapping the loader applies to a split (the CT window, or the RGB scale), from the
+    store's attributes: the arrays keep HU, so the manifest's data_hash does not see it."""
     from ctan.store import SplitStore
 
-    path = Path(store_dir) / "train.zarr"
+    path = Path(store_dir) / f"{split}.zarr"
     try:
         return json.loads(json.dumps(SplitStore.open(path).attrs.get("intensity") or {}))
     except CtanError:
