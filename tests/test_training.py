@@ -192,12 +192,80 @@ def test_a_finished_run_retrains_and_logs_each_epoch(prepared, capsys):
 
 
 def test_a_checkpoint_resumes_only_its_own_unfinished_run():
-    state = {"config_hash": "c", "code_hash": "k", "epoch": 2}
+    state = {**dict.fromkeys(checkpoint.CHECKPOINT_KEYS), "config_hash": "c", "code_hash": "k", "epoch": 2}
     assert checkpoint.why_not_resume(state, "c", "k", epochs=5) is None
     assert "parameters or data changed" in checkpoint.why_not_resume(state, "other", "k", epochs=5)
     assert "training code changed" in checkpoint.why_not_resume(state, "c", "edited", epochs=5)
     assert "training code changed" in checkpoint.why_not_resume({**state, "code_hash": None}, "c", "k", 5)
     assert "finished" in checkpoint.why_not_resume(state, "c", "k", epochs=2)
+
+
+def _small_state(weighting: str = "uncertainty") -> checkpoint.TrainingState:
+    from ctan.training.weighting import build_weighting
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    weights = build_weighting(weighting, ["a", "b"])
+    optimizer = torch.optim.Adam([*model.parameters(), *weights.parameters()], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    return checkpoint.TrainingState(model, weights, optimizer, scheduler)
+
+
+def _trained_checkpoint(path: Path) -> None:
+    """Two epochs of a small run, checkpointed as `ctan train` does."""
+    state = _small_state()
+    for epoch in (1, 2):
+        loss = state.model(torch.ones(4, 3)).square().mean() + state.weighting.parameters().__next__().sum()
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.add({"epoch": epoch, "selection_score": -float(loss)}, better=True)
+    state.save(path, "c", "k")
+
+
+def test_a_model_copied_over_the_checkpoint_is_named_as_such():
+    model_file = {"model_config": {}, "state_dict": {}, "config_hash": "c", "identity": {}}
+    said = checkpoint.why_not_resume(model_file, "c", "k", epochs=5)
+    assert "a trained model.pt, not a training checkpoint" in said
+    said = checkpoint.why_not_resume({"epoch": 3}, "c", "k", epochs=5)
+    assert said.startswith("not a training checkpoint (no best_epoch, best_model") and "more)" in said
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: s.update(model={"weight": torch.zeros(5, 3), "bias": torch.zeros(5)}),  # another model
+        lambda s: s.update(history=json.dumps([{"epoch": 1}])),  # two epochs claimed, one recorded
+        lambda s: s.update(best_epoch=7),
+        lambda s: s.update(optimizer={"state": {}, "param_groups": []}),
+        lambda s: s.update(weighting={"log_var": torch.zeros(9)}),
+    ],
+    ids=["model-shape", "history-short", "best-epoch", "optimizer-groups", "weighting"],
+)
+def test_an_inconsistent_checkpoint_starts_afresh_from_a_fresh_state(tmp_path, damage):
+    """Hashes that match do not make the contents fit: such a checkpoint is named and not half-loaded."""
+    path = tmp_path / "checkpoint.pt"
+    _trained_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    damage(saved)
+    checkpoint.save_atomic(saved, path)
+    state, fresh = _small_state(), _small_state()
+    said = state.resume(path, "c", "k", epochs=5)
+    assert said.startswith(f"{path}: inconsistent") and said.endswith("starting afresh"), said
+    assert state.epoch == 0 and state.best_epoch == 0 and state.best_model is None
+    for key, value in fresh.model.state_dict().items():
+        assert torch.equal(state.model.state_dict()[key], value), key
+    for key, value in fresh.weighting.state_dict().items():
+        assert torch.equal(state.weighting.state_dict()[key], value), key
+    assert state.optimizer.state_dict() == fresh.optimizer.state_dict()
+
+
+def test_a_consistent_checkpoint_resumes(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    _trained_checkpoint(path)
+    state = _small_state()
+    assert state.resume(path, "c", "k", epochs=5) == f"resuming {tmp_path} after epoch 2"
+    assert state.epoch == 2 and state.best_epoch == 2
 
 
 def test_training_code_hash_covers_what_snakemake_reruns_train_for():

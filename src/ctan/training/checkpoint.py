@@ -105,8 +105,35 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
+# What `TrainingState.save` writes: a file without all of them is not a training checkpoint.
+CHECKPOINT_KEYS = frozenset(
+    {
+        "config_hash",
+        "code_hash",
+        "epoch",
+        "model",
+        "weighting",
+        "weighting_extra",
+        "optimizer",
+        "scheduler",
+        "history",
+        "best_epoch",
+        "best_score",
+        "best_model",
+        "run_id",
+    }
+)
+
+
 def why_not_resume(state: dict[str, Any], config_hash: str, code: str, epochs: int) -> str | None:
     """None if ``state`` may resume this run; else the reason to start over."""
+    missing = sorted(CHECKPOINT_KEYS - set(state))
+    if missing:
+        if "state_dict" in state and "model_config" in state:  # what `ctan train` writes as model.pt
+            return "a trained model.pt, not a training checkpoint (no optimizer state or epoch history)"
+        return f"not a training checkpoint (no {', '.join(missing[:4])}" + (
+            f" and {len(missing) - 4} more)" if len(missing) > 4 else ")"
+        )
     if state.get("config_hash") != config_hash:
         return "parameters or data changed since this checkpoint"
     if state.get("code_hash") != code:
@@ -172,15 +199,56 @@ class TrainingState:
             refusal = why_not_resume(saved, config_hash, code, epochs)
         except Exception as err:  # unreadable, or written by other code: nothing to resume from
             refusal = f"unreadable ({type(err).__name__})"
+        if refusal is None:
+            fresh = self._snapshot()
+            try:
+                self._load(saved)
+            except Exception as err:  # hashes match but the contents do not fit this run
+                self._restore(fresh)
+                refusal = f"inconsistent ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         if refusal is not None:
             return f"{path}: {refusal}; starting afresh"
+        return f"resuming {path.parent} after epoch {saved['epoch']}"
+
+    def _load(self, saved: dict[str, Any]) -> None:
+        """Everything from ``saved``, checked to agree with itself before the run relies on it."""
+        history = json.loads(saved["history"])
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError("history is not a list of epoch records")
+        if [r.get("epoch") for r in history] != list(range(1, int(saved["epoch"]) + 1)):
+            raise ValueError(f"the history's epochs are not 1 to {saved['epoch']}")
+        best_epoch = int(saved["best_epoch"])
+        if not 0 <= best_epoch <= len(history) or (best_epoch > 0) != (saved["best_model"] is not None):
+            raise ValueError(f"best epoch {best_epoch} does not match the history or the kept weights")
+        if saved["best_model"] is not None:
+            self.model.load_state_dict(saved["best_model"])  # the kept weights must fit this model too
         self.model.load_state_dict(saved["model"])
         self.weighting.load_state_dict(saved["weighting"])
         self.weighting.load_extra_state(json.loads(saved["weighting_extra"]))
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.history = json.loads(saved["history"])
-        self.best_epoch, self.best_score = saved["best_epoch"], saved["best_score"]
+        self.history = history
+        self.best_epoch, self.best_score = best_epoch, float(saved["best_score"])
         self.best_model = saved["best_model"]
         self.run_id = saved.get("run_id") or None
-        return f"resuming {path.parent} after epoch {saved['epoch']}"
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The fresh state's parts, to put back if a checkpoint fails halfway through loading."""
+        return copy.deepcopy(
+            {
+                "model": self.model.state_dict(),
+                "weighting": self.weighting.state_dict(),
+                "weighting_extra": self.weighting.extra_state(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            }
+        )
+
+    def _restore(self, fresh: dict[str, Any]) -> None:
+        self.model.load_state_dict(fresh["model"])
+        self.weighting.load_state_dict(fresh["weighting"])
+        self.weighting.load_extra_state(fresh["weighting_extra"])
+        self.optimizer.load_state_dict(fresh["optimizer"])
+        self.scheduler.load_state_dict(fresh["scheduler"])
+        self.history, self.best_epoch, self.best_score = [], 0, -math.inf
+        self.best_model, self.run_id = None, None
