@@ -100,7 +100,51 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
     for name, entry in params["datasets"].items():
         if entry.get("external_of"):
             check_external(params, name, source)
+        else:
+            _check_grid(params, name, source)
     return params
+
+
+def _section(params: dict[str, Any], name: str, section: str, key: str) -> tuple[Any, str]:
+    """``key`` of ``section`` as dataset ``name`` sees it, and where it is set (for the error)."""
+    own = (params["datasets"][name].get(section) or {}).get(key, _UNSET)
+    if own is not _UNSET:
+        return own, f"datasets/{name}/{section}/{key}"
+    return (params.get(section) or {}).get(key), f"{section}/{key} (for {name})"
+
+
+_UNSET = object()
+
+
+def _check_grid(params: dict[str, Any], name: str, source: str) -> None:
+    """A fixed preprocess shape must fit the network: a patch no larger than it, and every size the
+    network sees divisible by 2**depth. Said here, before hours of preprocessing, not at the first step."""
+    shape = (params["datasets"][name].get("preprocess") or {}).get("shape")
+    if not shape:
+        return  # the native grid: sizes are known per case, checked by the model at its first step
+    patch, patch_key = _section(params, name, "training", "patch_size")
+    if len(shape) == 3 and patch is not None:  # 3 sizes: the schema says so
+        larger = [i for i, (p, n) in enumerate(zip(patch, shape, strict=True)) if p > n]
+        if larger:
+            raise CtanError(
+                source,
+                f"invalid parameter at {patch_key}: {patch} is larger than the preprocessed shape {shape} "
+                f"on axis {', '.join(map(str, larger))}, so every patch would be mostly zero padding; "
+                "choose a patch_size no larger than the shape, or null for the whole volume",
+            )
+    depth, depth_key = _section(params, name, "model", "depth")
+    if not isinstance(depth, int):
+        return
+    factor = 2**depth
+    sizes = {"preprocessed shape": shape, **({"patch_size": patch} if len(shape) == 3 and patch else {})}
+    for what, size in sizes.items():
+        bad = [f"{n} (axis {i})" for i, n in enumerate(size) if n % factor]
+        if bad:
+            raise CtanError(
+                source,
+                f"invalid parameter at {depth_key}: the {what} {size} is not divisible by 2**depth = "
+                f"{factor}: {', '.join(bad)}; choose a smaller depth or sizes that are multiples of {factor}",
+            )
 
 
 def _leaves(value: Any, where: str = "") -> list[tuple[str, Any]]:
