@@ -143,6 +143,23 @@ def test_a_value_edited_in_summary_csv(run, capsys):
     assert "--forcerun results/summary.csv" in _rebuild(lines)
 
 
+def test_line_numbers_count_the_blank_lines_of_a_hand_edited_summary(run, capsys):
+    """csv skips blank lines; the audit names the line an editor shows."""
+    text = Path("results/summary.csv").read_text().splitlines()
+    value_column = text[0].split(",").index("value")
+    line = next(i for i, t in enumerate(text, start=1) if ",auc_macro," in t and t.startswith("metric,"))
+    fields = next(csv.reader([text[line - 1]]))
+    fields[value_column] = "0.12345"
+    text[line - 1] = ",".join(fields)
+    text[2:2] = ["", ""]  # two blank lines after the first row
+    Path("results/summary.csv").write_text("\n".join(text) + "\n")
+
+    code, lines = _audit(capsys)
+    assert code == 1
+    (changed,) = _changed(lines)
+    assert changed.startswith(f"CHANGED line {line + 2}:") and "value 0.12345" in changed
+
+
 def test_a_raw_file_deleted(run, capsys):
     victim = sorted(Path(f"data/raw/{DATASET}").rglob("*.jpg"))[0]
     victim.unlink()

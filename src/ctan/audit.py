@@ -43,9 +43,10 @@ class Damage:
 
 
 class _Audit:
-    def __init__(self, summary: Path, rows: list[dict[str, str]]) -> None:
+    def __init__(self, summary: Path, at: dict[int, dict[str, str]]) -> None:
         self.summary = summary
-        self.rows = rows
+        self.rows = list(at.values())
+        self.at = at  # {line of summary.csv: its row}: blank lines a hand edit left still count
         self.reasons: dict[int, list[str]] = {}
         self.damage: dict[str, Damage] = {}
         self.notes: list[str] = []
@@ -76,14 +77,14 @@ class _Audit:
         return out
 
     def numbered(self) -> Iterable[tuple[int, dict[str, str]]]:
-        return enumerate(self.rows, start=2)  # line 1 is the header
+        return self.at.items()
 
     # --- the files behind the rows ---------------------------------------------------------------------
 
     def check_data(self) -> None:
         for data_path, lines in self.by("data_path").items():
             now = dvc_md5(Path(data_path)) if Path(data_path).is_dir() else _MISSING
-            recorded = {self.rows[i - 2]["data_hash"] for i in lines}
+            recorded = {self.at[i]["data_hash"] for i in lines}
             if now in recorded:
                 # The data are what (some) rows record: any other value is an edit of those rows, which
                 # `recompute` names, not a change of the data.
@@ -110,7 +111,7 @@ class _Audit:
             except (OSError, ValueError, KeyError, TypeError):
                 self.flag(str(marker), "missing or unreadable", raw_path, lines, reason)
                 continue
-            sources = {self.rows[i - 2]["source_sha256"] for i in lines} - {""}
+            sources = {self.at[i]["source_sha256"] for i in lines} - {""}
             if sources and sources != {record.get("sha256")}:
                 had = str(record.get("sha256"))[:12]
                 problem = f"records source SHA-256 {had}…, the summary {', '.join(sorted(sources))}"
@@ -118,7 +119,7 @@ class _Audit:
             _, now = hash_tree(raw)
             now.pop(SOURCE_JSON, None)
             expected = dict(recorded)
-            for data_path in {self.rows[i - 2]["data_path"] for i in lines}:
+            for data_path in {self.at[i]["data_path"] for i in lines}:
                 try:
                     manifest = json.loads((Path(data_path) / MANIFEST).read_text())
                     for case in manifest["cases"]:
@@ -174,15 +175,13 @@ class _Audit:
         for dataset, lines in self.by("dataset").items():
             # STL first: every row is relative to it, so a summary without its STL rows still gets them
             # recomputed (and reported missing) instead of not being checked at all.
-            archs = list(dict.fromkeys([SINGLE_TASK, *(self.rows[i - 2]["architecture"] for i in lines)]))
+            archs = list(dict.fromkeys([SINGLE_TASK, *(self.at[i]["architecture"] for i in lines)]))
             seeds = list(
-                dict.fromkeys(
-                    int(self.rows[i - 2]["seed"]) for i in lines if self.rows[i - 2]["row_type"] == "metric"
-                )
+                dict.fromkeys(int(self.at[i]["seed"]) for i in lines if self.at[i]["row_type"] == "metric")
             )
             # What most rows record: one edited row must not make every other row look changed.
             where = {
-                k: Counter(self.rows[i - 2][k] for i in lines).most_common(1)[0][0]
+                k: Counter(self.at[i][k] for i in lines).most_common(1)[0][0]
                 for k in ("data_hash", "data_path", "raw_path", "results_path", "params_hash", "trained_on")
             }
             trained_on = where["trained_on"] if where["trained_on"] != dataset else None
@@ -206,7 +205,7 @@ class _Audit:
                 continue
             expected = {tuple(r[c] for c in key_columns): r for r in map(format_row, again)}
             for i in lines:
-                row = self.rows[i - 2]
+                row = self.at[i]
                 want = expected.pop(tuple(row[c] for c in key_columns), None)
                 if want is None:
                     self.flag(
@@ -231,7 +230,7 @@ class _Audit:
 
     def report(self) -> int:
         for line in sorted(self.reasons):
-            print(f"CHANGED line {line}: {_what(self.rows[line - 2])}: " + "; ".join(self.reasons[line]))
+            print(f"CHANGED line {line}: {_what(self.at[line])}: " + "; ".join(self.reasons[line]))
         for file, damage in self.damage.items():
             where = f"; behind line(s) {_ranges(damage.lines)}" if damage.lines else ""
             print(f"FILE {file}: {'; '.join(damage.problems)}{where}")
@@ -257,24 +256,27 @@ def audit(summary: Path) -> int:
         raise CtanError(summary, "not found; run `snakemake --cores 8 results/summary.csv` first")
     try:
         with open(summary, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            at = {}  # {line: row}; csv.DictReader skips blank lines, which still count as lines
+            for row in reader:
+                at[reader.line_num] = row
     except (UnicodeDecodeError, csv.Error) as err:
         kind = type(err).__name__
         raise CtanError(summary, f"not a summary CSV ({kind}); rebuild it with `ctan summarize`") from None
-    if not rows:
+    if not at:
         raise CtanError(summary, "has no rows; rebuild it with `ctan summarize`")
-    missing = [c for c in COLUMNS if c not in rows[0]]
+    missing = [c for c in COLUMNS if c not in next(iter(at.values()))]
     if missing:
         raise CtanError(
             summary,
             f"not a summary this ctan can audit (no {', '.join(missing)} column); "
             "rebuild it with `ctan summarize`",
         )
-    for line, row in enumerate(rows, start=2):
+    for line, row in at.items():
         problem = _row_problem(row)
         if problem:
             raise CtanError(summary, f"line {line}: {problem}; rebuild it with `ctan summarize`")
-    check = _Audit(summary, rows)
+    check = _Audit(summary, at)
     check.check_raw()
     check.check_data()
     check.check_metrics_and_models()
