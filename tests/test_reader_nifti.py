@@ -155,13 +155,14 @@ def test_mask_shape_mismatch_is_refused(tiny: Path) -> None:
     assert_names(err, "PTV.nii.gz")
 
 
-@pytest.mark.parametrize("name", ["dose", "masks/PTV"])
-def test_affine_mismatch_is_refused(tiny: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["masks/PTV", "possible_dose_mask"])
+def test_mask_off_the_ct_grid_is_refused(tiny: Path, name: str) -> None:
+    """Only dose is resampled: a mask off the CT grid is still refused, and the message says so."""
     path = tiny / "cases" / "b" / f"{name}.nii.gz"
     shifted = AFFINE.copy()
     shifted[0, 3] = 1.0
-    save(path, np.asarray(nib.load(path).dataobj), shifted)
-    with pytest.raises(CtanError, match="affine differs") as err:
+    save(path, np.ones((6, 5, 4), np.uint8), shifted)
+    with pytest.raises(CtanError, match="affine differs.*only dose.nii.gz is resampled") as err:
         nifti_cases.read_case(tiny, CaseRef("b", "train"))
     assert_names(err, path.name)
 
@@ -254,12 +255,11 @@ def test_oblique_but_orthogonal_affine_is_kept(tiny: Path) -> None:
     np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dose", "possible_dose_mask"])
-def test_shape_mismatch_with_the_ct_is_refused(tiny: Path, name: str) -> None:
-    save(tiny / "cases" / "b" / f"{name}.nii.gz", np.zeros((6, 5, 3), np.uint8), AFFINE)
+def test_shape_mismatch_with_the_ct_is_refused(tiny: Path) -> None:
+    save(tiny / "cases" / "b" / "possible_dose_mask.nii.gz", np.zeros((6, 5, 3), np.uint8), AFFINE)
     with pytest.raises(CtanError, match=r"shape \(6, 5, 3\) differs from the CT's \(6, 5, 4\)") as err:
         nifti_cases.read_case(tiny, CaseRef("b", "train"))
-    assert_names(err, f"{name}.nii.gz")
+    assert_names(err, "possible_dose_mask.nii.gz")
 
 
 def test_rgb_voxels_are_refused(tiny: Path) -> None:
@@ -359,3 +359,199 @@ def test_a_mask_in_another_voxel_order_on_the_same_grid_reads(real_root: Path, o
         nib.save(nib.Nifti1Image(moved, image.affine @ flip @ swap), image.get_filename())
     case = nifti_cases.read_case(real_root, CaseRef("p01", "train"))
     np.testing.assert_array_equal(case.dense["structures"], reference.dense["structures"])
+
+
+# --- dose on its own grid ----------------------------------------------------------------------------
+
+
+def reorder(data: np.ndarray, affine: np.ndarray, flips: tuple[int, ...], perm: tuple[int, ...]):
+    """The same grid stored in another voxel order: file axes in ``flips`` reversed, then permuted."""
+    for axis in flips:
+        flip = np.eye(4)
+        flip[axis, axis], flip[axis, 3] = -1, data.shape[axis] - 1
+        data, affine = np.flip(data, axis), affine @ flip
+    return np.ascontiguousarray(data.transpose(perm)), affine @ np.eye(4)[:, [*perm, 3]]
+
+
+def linear_dose(world: np.ndarray) -> np.ndarray:
+    """Dose (Gy) that is a linear function of RAS world coordinates (..., 3): trilinear keeps it exact."""
+    return 20.0 + world @ np.array([0.05, -0.03, 0.04])
+
+
+def grid_world(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """RAS world coordinates of every voxel centre, (*shape, 3)."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def our_world(case) -> np.ndarray:
+    """RAS world coordinates of the case's (z, y, x) voxel centres, through its own geometry."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in case.spatial_shape], indexing="ij"), axis=-1)
+    direction = np.asarray(case.direction).reshape(3, 3)
+    zyx = (index * np.asarray(case.spacing)) @ direction.T + np.asarray(case.origin)
+    return zyx[..., ::-1]
+
+
+CT_AFFINE = np.array([[2.0, 0, 0, -20.0], [0, 2.0, 0, 15.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
+CT_SHAPE = (20, 18, 16)
+# coarser than the CT, shifted off its voxel centres, inside it (over part of it)
+DOSE_AFFINE = np.array([[3.0, 0, 0, -13.3], [0, 3.5, 0, 19.1], [0, 0, 4.0, -24.7], [0, 0, 0, 1]])
+DOSE_SHAPE = (8, 7, 6)
+RAS = ((), (0, 1, 2))
+
+
+def write_rt_case(
+    root: Path, dose: np.ndarray, dose_affine: np.ndarray, ct_order: tuple[tuple[int, ...], ...] = RAS
+) -> None:
+    """A CT on ``CT_AFFINE`` (stored in ``ct_order``: see `reorder`) and a dose on its own grid."""
+    ct = np.full(CT_SHAPE, -1000, np.int16)
+    ct[3:17, 3:15, 2:14] = 30
+    folder = root / "cases" / "rt"
+    save(folder / "ct.nii.gz", *reorder(ct, CT_AFFINE, *ct_order))
+    save(folder / "dose.nii.gz", dose.astype(np.float32), dose_affine)
+
+
+def rotated_about_centre(affine: np.ndarray, shape: tuple[int, ...], degrees: float) -> np.ndarray:
+    """The grid turned in the axial plane about its centre: oblique, still orthogonal."""
+    angle = np.deg2rad(degrees)
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    move = np.eye(4)
+    move[:3, 3] = (affine @ [*(np.array(shape) / 2), 1])[:3]
+    return move @ turn @ np.linalg.inv(move) @ affine
+
+
+@pytest.mark.parametrize(
+    ("ct_order", "dose_order", "degrees", "codes"),
+    [
+        pytest.param(RAS, RAS, 0, "RAS", id="both RAS"),
+        pytest.param(RAS, ((0, 1), (0, 1, 2)), 0, "LPS", id="dose LPS"),
+        pytest.param(RAS, ((0, 1), (2, 1, 0)), 0, "SPL", id="dose SPL"),
+        pytest.param(((0, 1), (2, 1, 0)), RAS, 0, "RAS", id="CT SPL"),
+        pytest.param(RAS, ((0,), (1, 0, 2)), 10, "ALS", id="dose oblique, ALS"),
+    ],
+)
+def test_dose_on_its_own_grid_is_resampled_in_world_coordinates(
+    tmp_path: Path, ct_order, dose_order, degrees: float, codes: str
+) -> None:
+    """A dose linear in world coordinates, on a coarser, shifted grid in any voxel order: at every CT voxel
+    centre inside the dose grid the resampled dose is the function there (the edge value in the outer half
+    of the edge voxels), and 0 Gy beyond."""
+    grid = rotated_about_centre(DOSE_AFFINE, DOSE_SHAPE, degrees)
+    values, affine = reorder(linear_dose(grid_world(DOSE_SHAPE, grid)), grid, *dose_order)
+    assert "".join(nib.aff2axcodes(affine)) == codes
+    write_rt_case(tmp_path, values, affine, ct_order)
+    case = nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+    dose = case.dense["dose"][0]
+    assert dose.dtype == np.float32 and dose.shape == case.spatial_shape == CT_SHAPE[::-1]
+    index = (our_world(case) - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T  # in the dose file
+    upper = np.array(values.shape) - 0.5
+    clear = np.all((np.abs(index + 0.5) > 1e-3) & (np.abs(index - upper) > 1e-3), axis=-1)  # off edges
+    inside = np.all((index >= -0.5) & (index < upper), axis=-1)
+    assert (inside & clear).sum() > 50 and (~inside & clear).sum() > 50  # covers part of the CT
+    clamped = np.clip(index, 0, np.array(values.shape) - 1) @ affine[:3, :3].T + affine[:3, 3]
+    expected = np.where(inside, linear_dose(clamped), 0.0)
+    np.testing.assert_allclose(dose[clear], expected[clear], rtol=1e-4, atol=0)
+    assert dose.min() >= 0
+
+
+def test_dose_exactly_on_the_ct_grid_is_read_as_it_is(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path: no interpolation (not even within the affine tolerance), bytes as stored."""
+    path = tiny / "cases" / "a" / "dose.nii.gz"
+    nudged = AFFINE.copy()
+    nudged[0, 3] = 1e-4  # within AFFINE_TOLERANCE
+    rng = np.random.default_rng(1)
+    save(path, rng.uniform(0, 70, (6, 5, 4)).astype(np.float32), nudged)
+    monkeypatch.setattr(nifti_cases, "_resample_dose", lambda *a: pytest.fail("resampled an on-grid dose"))
+    dose = nifti_cases.read_case(tiny, CaseRef("a", "train")).dense["dose"][0]
+    stored = nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32).transpose(2, 1, 0)
+    assert dose.dtype == np.float32 and dose.tobytes() == np.ascontiguousarray(stored).tobytes()
+
+
+def test_dose_grid_beyond_the_ct_holding_no_dose_there_reads(tmp_path: Path) -> None:
+    """A dose grid wider than the CT is fine when (almost) all its dose lies inside the CT."""
+    affine = np.array([[3.0, 0, 0, -41.0], [0, 3.0, 0, -5.0], [0, 0, 3.0, -50.0], [0, 0, 0, 1]])
+    shape = (30, 25, 25)
+    world = grid_world(shape, affine)
+    ct_index = (world - CT_AFFINE[:3, 3]) @ np.linalg.inv(CT_AFFINE[:3, :3]).T
+    in_ct = np.all((ct_index >= 0) & (ct_index <= np.array(CT_SHAPE) - 1), axis=-1)
+    assert (~in_ct).mean() > 0.5
+    write_rt_case(tmp_path, np.where(in_ct, 2.0, 0.0), affine)
+    dose = nifti_cases.read_case(tmp_path, CaseRef("rt", "train")).dense["dose"][0]
+    assert dose[2:-2, 2:-2, 2:-2] == pytest.approx(2.0)  # CT voxels more than a dose voxel from its edge
+
+
+def test_dose_grid_not_overlapping_the_ct_is_refused(tmp_path: Path) -> None:
+    moved = np.array([[3.0, 0, 0, 400.0], [0, 3.5, 0, 19.1], [0, 0, 4.0, -24.7], [0, 0, 0, 1]])
+    write_rt_case(tmp_path, linear_dose(grid_world(DOSE_SHAPE, moved)), moved)
+    with pytest.raises(
+        CtanError, match=r"do not overlap \(dose grid R 398.5\.\.422.5.*CT grid R -21.0\.\.19.0"
+    ) as err:
+        nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+    assert_names(err, "dose.nii.gz")
+
+
+def test_dose_grid_largely_outside_the_ct_is_refused(tmp_path: Path) -> None:
+    """Most of the plan's dose would be cut off: the CT does not hold this dose (wrong pairing?)."""
+    wide = np.array([[5.0, 0, 0, -120.0], [0, 5.0, 0, -80.0], [0, 0, 5.0, -100.0], [0, 0, 0, 1]])
+    write_rt_case(tmp_path, np.ones((50, 40, 40)), wide)
+    with pytest.raises(
+        CtanError, match=r"\d+\.\d% of its total dose lies outside the CT grid.*wrong pairing"
+    ) as err:
+        nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+    assert_names(err, "dose.nii.gz")
+
+
+@pytest.mark.parametrize(("share", "refused"), [(0.005, False), (0.02, True)])
+def test_dose_outside_the_ct_up_to_one_percent_is_allowed(
+    tmp_path: Path, share: float, refused: bool
+) -> None:
+    """The CT's grid with two more slabs past its last x voxel, holding ``share`` of the total dose."""
+    dose = np.ones((CT_SHAPE[0] + 2, *CT_SHAPE[1:]))
+    inside = dose[: CT_SHAPE[0]].sum()
+    dose[CT_SHAPE[0] :] = share * inside / (1 - share) / dose[CT_SHAPE[0] :].size
+    write_rt_case(tmp_path, dose, CT_AFFINE)
+    if refused:
+        with pytest.raises(CtanError, match=r"2\.0% of its total dose lies outside"):
+            nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+    else:
+        case = nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+        np.testing.assert_array_equal(case.dense["dose"][0], 1.0)  # the CT's own voxel centres
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -1.0])
+def test_bad_dose_on_its_own_grid_is_refused(tmp_path: Path, value: float) -> None:
+    """Said of the file's own voxels, even one outside the CT, before any interpolation."""
+    dose = linear_dose(grid_world(DOSE_SHAPE, DOSE_AFFINE))
+    dose[0, 0, 0] = value
+    write_rt_case(tmp_path, dose, DOSE_AFFINE)
+    with pytest.raises(CtanError, match="NaN or infinite|negative") as err:
+        nifti_cases.read_case(tmp_path, CaseRef("rt", "train"))
+    assert_names(err, "dose.nii.gz")
+
+
+@pytest.mark.realdata
+def test_real_ct_with_a_coarser_offset_dose_grid(
+    tmp_path: Path, example: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The real CT (stored S, P, L) with a 5 mm dose grid in L, P, S order over its middle, off its voxel
+    centres: the dose lands where world coordinates say, the rest of the case as on its own."""
+    ct, ct_affine = example
+    write_case(tmp_path, "p01", ct, ct_affine, {"Bone": ct > 300})
+    reference = nifti_cases.read_case(tmp_path, CaseRef("p01", "train"))
+    centre = (ct_affine @ [*(np.array(ct.shape) / 2), 1])[:3]
+    shape = (40, 30, 36)
+    lps = np.diag([-5.0, -5.0, 5.0, 1.0])
+    lps[:3, 3] = centre - lps[:3, :3] @ (np.array(shape) / 2) + [1.3, -0.7, 2.1]
+    values = linear_dose(grid_world(shape, lps))
+    save(tmp_path / "cases" / "p01" / "dose.nii.gz", values.astype(np.float32), lps)
+    case = nifti_cases.read_case(tmp_path, CaseRef("p01", "train"))
+    np.testing.assert_array_equal(case.image, reference.image)
+    np.testing.assert_array_equal(case.dense["structures"], reference.dense["structures"])
+    dose = case.dense["dose"][0]
+    index = (our_world(case) - lps[:3, 3]) @ np.linalg.inv(lps[:3, :3]).T
+    hull = np.all((index >= 0) & (index <= np.array(shape) - 1), axis=-1)
+    outside = np.any((index < -0.5 - 1e-3) | (index > np.array(shape) - 0.5 + 1e-3), axis=-1)
+    assert hull.sum() > 10_000 and outside.sum() > 10_000
+    np.testing.assert_allclose(dose[hull], linear_dose(our_world(case)[hull]), rtol=1e-4, atol=0)
+    assert not dose[outside].any()

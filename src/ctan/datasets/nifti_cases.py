@@ -3,14 +3,27 @@
 Layout::
 
     cases/<case>/ct.nii.gz                  CT in HU
-    cases/<case>/dose.nii.gz                planned dose in Gy, on the CT grid
+    cases/<case>/dose.nii.gz                planned dose in Gy, on the CT grid or on its own (resampled)
     cases/<case>/possible_dose_mask.nii.gz  optional; default: the body, CT > −500 HU
     cases/<case>/masks/<structure>.nii.gz   one binary mask per contoured structure (values 0 and 1 only)
     split.csv                               optional: case,split (else split by the split parameters)
 
-Every file of a case must share the CT's grid: same shape and the same affine (within
-`AFFINE_TOLERANCE` mm), and the grid must be orthogonal: a sheared affine is refused rather than
-stored with a direction that is not a rotation (resample such a case onto an orthogonal grid first).
+The CT's grid is the case's grid. Masks (and the possible-dose mask) must share it: same shape and the
+same affine (within `AFFINE_TOLERANCE` mm). Every grid must be orthogonal: a sheared affine is refused
+rather than stored with a direction that is not a rotation (resample such a case onto an orthogonal grid
+first).
+
+Dose on its own grid. An RTDOSE converted to NIfTI usually has coarser voxels, another origin and a
+field of view over only part of the CT: such a dose (shape or affine not the CT's) is resampled onto the
+CT grid by SimpleITK's trilinear interpolation in world coordinates (voxel order and direction of either
+file do not matter). A dose voxel is a box: a CT voxel centre within half a dose voxel of the outermost
+dose voxel centres takes the edge value; beyond that the dose is 0 Gy. Trilinear weights are
+non-negative, so non-negative dose stays non-negative (nothing is clipped); NaN, infinite, negative and
+cGy doses are refused on the file's own grid and again after resampling. Refused too: a dose grid that
+does not overlap the CT grid (the wrong file, or another frame of reference), and one with more than
+`MAX_DOSE_OUTSIDE` of its total dose outside the CT grid (the CT does not hold the plan: wrong pairing?).
+A dose on the CT grid is read as it is, without interpolation.
+
 Masks (and the possible-dose mask) must hold only 0 and 1: a probability map or a 0/255 mask is refused
 rather than thresholded silently. The structure channels are the sorted union of mask names over all
 cases; a case without a mask for one of them, or whose mask is empty, has ``structure_present`` False
@@ -25,6 +38,7 @@ gives the NIfTI world (RAS+) coordinates of the original affine, listed in (S, A
 
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 from functools import lru_cache
@@ -32,6 +46,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 
 from ctan.datasets.base import Case, CaseRef, check_dose, check_hu, check_orthogonal
 from ctan.datasets.splits import assign_splits, read_split_file
@@ -49,6 +64,7 @@ SPLIT_FILE = "split.csv"
 BODY_THRESHOLD_HU = -500.0
 XFORM_AGREEMENT_MM = 0.01  # qform (quaternion, float32) and sform of one file agree to ~1e-4 mm
 AFFINE_TOLERANCE = 1e-3  # mm; NIfTI stores affines as float32
+MAX_DOSE_OUTSIDE = 0.01  # fraction of a dose grid's total dose that may lie outside the CT grid
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 
 TASKS: dict[str, Task] = {
@@ -204,13 +220,17 @@ def _binary(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:
     return data.astype(np.uint8)
 
 
-def _zyx(image: nib.spatialimages.SpatialImage, path: Path, dtype: type = np.float32) -> np.ndarray:
-    """Canonical (RAS+) voxel data of an image, as a (z, y, x) array."""
+def _voxels(image: nib.spatialimages.SpatialImage, path: Path, canonical: bool = True) -> np.ndarray:
+    """float32 voxel data, reoriented to canonical (RAS+) or in the file's own order."""
     try:
-        canonical = nib.as_closest_canonical(image)
-        data = canonical.get_fdata(dtype=np.float32)
+        return (nib.as_closest_canonical(image) if canonical else image).get_fdata(dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as err:
         raise CtanError(path, f"unreadable voxel data: {err}") from None
+
+
+def _zyx(image: nib.spatialimages.SpatialImage, path: Path, dtype: type = np.float32) -> np.ndarray:
+    """Canonical (RAS+) voxel data of an image, as a (z, y, x) array."""
+    data = _voxels(image, path)
     return np.ascontiguousarray(data.transpose(2, 1, 0)).astype(dtype, copy=False)
 
 
@@ -223,17 +243,115 @@ def geometry(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], 
     return tuple(spacing[::-1].tolist()), tuple(origin.tolist()), tuple(direction.ravel().tolist())
 
 
+def _grid_mismatch(ct: nib.spatialimages.SpatialImage, other: nib.spatialimages.SpatialImage) -> str | None:
+    """How ``other``'s grid differs from the CT's, or None. Compared as every file is read, reoriented to
+    canonical: a mask stored in another voxel order (LPS against the CT's RAS, say) over the same grid
+    lands on the CT's voxels exactly."""
+    (shape, affine), (ct_shape, ct_affine) = _canonical_grid(other), _canonical_grid(ct)
+    if shape != ct_shape:
+        return f"shape {other.shape} differs from the CT's {ct.shape}"
+    if not np.allclose(affine, ct_affine, atol=AFFINE_TOLERANCE, rtol=0):
+        return "affine differs from the CT's: not on the CT grid"
+    return None
+
+
 def _check_same_grid(
     ct: nib.spatialimages.SpatialImage, other: nib.spatialimages.SpatialImage, path: Path
 ) -> None:
-    """``other`` covers the CT's voxels. Compared as every file is read, reoriented to canonical: a mask
-    stored in another voxel order (LPS against the CT's RAS, say) over the same grid lands on the CT's
-    voxels exactly."""
-    (shape, affine), (ct_shape, ct_affine) = _canonical_grid(other), _canonical_grid(ct)
-    if shape != ct_shape:
-        raise CtanError(path, f"shape {other.shape} differs from the CT's {ct.shape}")
-    if not np.allclose(affine, ct_affine, atol=AFFINE_TOLERANCE, rtol=0):
-        raise CtanError(path, "affine differs from the CT's: not on the CT grid (resample it first)")
+    """A mask must lie on the CT's voxels: resampling a mask is a choice (nearest? a threshold?) left to
+    its owner."""
+    problem = _grid_mismatch(ct, other)
+    if problem:
+        raise CtanError(
+            path,
+            f"{problem}; only dose.nii.gz is resampled onto the CT grid: resample this mask onto it first "
+            "(nearest neighbour)",
+        )
+
+
+def _extent(image: nib.spatialimages.SpatialImage) -> str:
+    """World (RAS+) bounding box of a grid's voxel boxes, for messages."""
+    corners = np.array(list(itertools.product(*[(-0.5, n - 0.5) for n in image.shape])))
+    world = corners @ image.affine[:3, :3].T + image.affine[:3, 3]
+    low, high = world.min(axis=0), world.max(axis=0)
+    return ", ".join(f"{a} {lo:.1f}..{hi:.1f}" for a, lo, hi in zip("RAS", low, high, strict=True)) + " mm"
+
+
+def _inside(grid: nib.spatialimages.SpatialImage, points: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Which voxel centres of ``points`` lie in ``grid``'s voxel boxes (continuous index in [-0.5, n - 0.5)
+    on every axis, as ITK's interpolators count inside), in ``points``' file order."""
+    to_grid = np.linalg.inv(grid.affine) @ points.affine
+    axes = [
+        np.arange(n, dtype=float).reshape([-1 if a == b else 1 for b in range(3)])
+        for a, n in enumerate(points.shape)
+    ]
+    inside = np.ones(points.shape, dtype=bool)
+    for row, n in zip(to_grid[:3], grid.shape, strict=True):
+        index = row[3] + row[0] * axes[0] + row[1] * axes[1] + row[2] * axes[2]
+        inside &= (index >= -0.5) & (index < n - 0.5)
+    return inside
+
+
+def _itk_geometry(affine: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """(spacing, origin, direction) of a NIfTI affine for ITK. ITK calls its world LPS, but resampling
+    needs only both grids in one frame: the RAS+ affines go in as they are (both in LPS: the same voxels)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return spacing.tolist(), affine[:3, 3].tolist(), (affine[:3, :3] / spacing).ravel().tolist()
+
+
+def _resample_dose(
+    ct: nib.spatialimages.SpatialImage, dose: nib.spatialimages.SpatialImage, voxels: np.ndarray
+) -> np.ndarray:
+    """``voxels`` (dose, file order) trilinearly onto the CT's canonical grid as (z, y, x), 0 outside."""
+    moving = sitk.GetImageFromArray(np.ascontiguousarray(voxels.transpose(2, 1, 0)))  # ITK index = file's
+    spacing, origin, direction = _itk_geometry(dose.affine)
+    moving.SetSpacing(spacing)
+    moving.SetOrigin(origin)
+    moving.SetDirection(direction)
+    shape, affine = _canonical_grid(ct)
+    spacing, origin, direction = _itk_geometry(affine)
+    resample = sitk.ResampleImageFilter()
+    resample.SetSize([int(n) for n in shape])
+    resample.SetOutputSpacing(spacing)
+    resample.SetOutputOrigin(origin)
+    resample.SetOutputDirection(direction)
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetDefaultPixelValue(0.0)
+    resample.SetOutputPixelType(sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resample.Execute(moving))  # ITK index (x, y, z) -> array (z, y, x)
+
+
+def _dose_on_ct_grid(
+    ct: nib.spatialimages.SpatialImage, dose: nib.spatialimages.SpatialImage, path: Path
+) -> np.ndarray:
+    """The dose in Gy on the CT's canonical (z, y, x) grid: read as it is where it already lies there,
+    else resampled, after checking that the CT holds the dose grid."""
+    same = _grid_mismatch(ct, dose) is None
+    voxels = _zyx(dose, path) if same else _voxels(dose, path, canonical=False)
+    bad = ~np.isfinite(voxels)
+    if bad.any():
+        raise CtanError(path, f"{int(bad.sum())} voxel(s) are NaN or infinite")
+    if same:
+        return voxels
+    check_dose(voxels, path)  # negative or cGy: said of the file's own voxels, before interpolation
+    inside = _inside(ct, dose)
+    where = f"dose grid {_extent(dose)}; CT grid {_extent(ct)}"
+    if not inside.any():
+        raise CtanError(
+            path,
+            f"its grid and the CT's do not overlap ({where}): the wrong file, or a dose in another frame "
+            "of reference? write the dose in the CT's world coordinates",
+        )
+    # Every voxel of one grid has the same volume: the fraction of dose x volume is that of the dose sums.
+    total = float(voxels.sum(dtype=np.float64))
+    outside = float(voxels[~inside].sum(dtype=np.float64))
+    if total > 0 and outside > MAX_DOSE_OUTSIDE * total:
+        raise CtanError(
+            path,
+            f"{outside / total:.1%} of its total dose lies outside the CT grid ({where}); the CT does not "
+            "hold the dose grid: is this the dose planned on this CT (wrong pairing?)",
+        )
+    return _resample_dose(ct, dose, voxels)
 
 
 def _canonical_grid(image: nib.spatialimages.SpatialImage) -> tuple[tuple[int, ...], np.ndarray]:
@@ -258,11 +376,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
         raise CtanError(ct_path, f"{int((~np.isfinite(ct)).sum())} voxel(s) are NaN or infinite")
     check_hu(ct, ct_path)
 
-    dose_img = _load(dose_path)
-    _check_same_grid(ct_img, dose_img, dose_path)
-    dose = _zyx(dose_img, dose_path)
-    if np.isnan(dose).any():
-        raise CtanError(dose_path, f"{int(np.isnan(dose).sum())} voxel(s) are NaN")
+    dose = _dose_on_ct_grid(ct_img, _load(dose_path), dose_path)
     check_dose(dose, dose_path)
     sources = [ct_path, dose_path]
 
