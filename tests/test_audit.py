@@ -324,3 +324,40 @@ def test_a_row_cut_short_is_refused_in_one_line(run, capsys):
     assert main(["audit", "results/summary.csv"]) == 2
     (err,) = capsys.readouterr().err.splitlines()
     assert "results/summary.csv: line " in err and "ctan summarize" in err
+
+
+def _audit_with_params(capsys, *extra: dict) -> tuple[int, list[str]]:
+    """The audit given the run's parameter files (and overrides after them)."""
+    files = ["params.yaml", "override.yaml"]
+    for i, override in enumerate(extra):
+        Path(f"extra{i}.yaml").write_text(yaml.safe_dump(override))
+        files.append(f"extra{i}.yaml")
+    capsys.readouterr()
+    code = main(["audit", "results/summary.csv", *(a for f in files for a in ("--params", f))])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_a_whole_architecture_removed_is_seen_only_with_the_parameters(run, capsys):
+    """Its rows gone, the rows left agree with their files: the parameters say what should be there."""
+    _write_rows([r for r in _rows() if r["architecture"] != "hps"])
+    assert _audit(capsys)[0] == 0  # the limitation the parameters lift
+    code, lines = _audit_with_params(capsys)
+    assert code == 1
+    problem = _file_line(lines, "results/summary.csv")
+    assert "lacks " in problem and f"{DATASET}/hps/0/" in problem
+
+
+def test_a_whole_dataset_or_other_settings_are_named_with_the_parameters(run, capsys):
+    code, lines = _audit_with_params(capsys)
+    assert code == 0 and lines[-1].endswith(f"{len(_rows())} of {len(_rows())} rows unchanged"), lines
+
+    code, lines = _audit_with_params(capsys, {"run": {"datasets": [DATASET, "openkbp_demo"]}})
+    assert code == 1
+    assert "lacks every row of openkbp_demo, which params.yaml, override.yaml, extra0.yaml ask for" in (
+        _file_line(lines, "results/summary.csv")
+    )
+
+    code, lines = _audit_with_params(capsys, {"training": {"epochs": 3}})
+    assert code == 1
+    assert f"rows of {DATASET} were made with other settings" in _file_line(lines, "results/summary.csv")
+    assert len(_changed(lines)) == len(_rows())

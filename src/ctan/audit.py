@@ -9,6 +9,10 @@ For each row of ``results/summary.csv`` (written by `ctan summarize`) the audit
   folder: every file against the ``source.json`` that `ctan download` wrote, every case's source files
   against the preprocessed manifest, and the source digest against ``source_sha256``.
 
+Given the parameter files the summary was made with (``--params``), it also checks that the summary
+holds every test set, architecture and seed they ask for, made with those settings (``params_hash``):
+the rows alone cannot show that a whole architecture or dataset was removed.
+
 It prints ``CHANGED line N: ...`` for every row affected, then ``FILE <path>: <problem>`` for each
 changed file with the summary lines it is behind, and a ``REBUILD`` command. Snakemake decides by
 modification times and does not look inside folder outputs, so after in-place damage it reports
@@ -42,11 +46,32 @@ class Damage:
     lines: set[int] = field(default_factory=set)
 
 
+@dataclass(frozen=True)
+class Grid:
+    """What a run's parameters ask a summary to hold: {test set: (architectures, seeds, params_hash)}."""
+
+    sets: dict[str, tuple[list[str], list[int], str]]
+    source: str  # the parameter files, for messages
+
+    def asked(self, name: str) -> tuple[list[str], list[int]]:
+        archs, seeds, _ = self.sets.get(name, ([], [], ""))
+        return archs, seeds
+
+
+def grid_of(params: dict[str, Any], source: str) -> Grid:
+    from ctan.results import evaluated_sets
+    from ctan.summary import settings_hash
+
+    archs = list(params["run"]["architectures"])
+    return Grid({s.name: (archs, list(s.seeds), settings_hash(s)) for s, _ in evaluated_sets(params)}, source)
+
+
 class _Audit:
-    def __init__(self, summary: Path, at: dict[int, dict[str, str]]) -> None:
+    def __init__(self, summary: Path, at: dict[int, dict[str, str]], grid: Grid | None = None) -> None:
         self.summary = summary
         self.rows = list(at.values())
         self.at = at  # {line of summary.csv: its row}: blank lines a hand edit left still count
+        self.grid = grid
         self.reasons: dict[int, list[str]] = {}
         self.damage: dict[str, Damage] = {}
         self.notes: list[str] = []
@@ -162,6 +187,28 @@ class _Audit:
             problem = "missing" if now == _MISSING else f"SHA-256 changed ({recorded[:12]} -> {now[:12]})"
             self.flag(path, problem, path, [line], reason)
 
+    def check_grid(self) -> None:
+        """Every test set the parameters ask for is there, made with their settings, and no other."""
+        if self.grid is None:
+            return
+        summary, source = str(self.summary), self.grid.source
+        present = self.by("dataset")
+        for name in self.grid.sets:
+            if name not in present:
+                self.flag(summary, f"lacks every row of {name}, which {source} ask for", summary, [], "")
+        for name, lines in present.items():
+            if name not in self.grid.sets:
+                problem = f"holds rows of {name}, which {source} do not ask for"
+                self.flag(summary, problem, summary, lines, f"{name} is not in {source}")
+                continue
+            want = self.grid.sets[name][2]
+            made = Counter(self.at[i]["params_hash"] for i in lines).most_common(1)[0][0]
+            if made != want:
+                problem = (
+                    f"rows of {name} were made with other settings (params_hash {made}; {source} give {want})"
+                )
+                self.flag(summary, problem, summary, lines, f"made with other settings than {source}")
+
     # --- the numbers ----------------------------------------------------------------------------------
 
     def recompute(self) -> None:
@@ -175,10 +222,15 @@ class _Audit:
         for dataset, lines in self.by("dataset").items():
             # STL first: every row is relative to it, so a summary without its STL rows still gets them
             # recomputed (and reported missing) instead of not being checked at all.
-            archs = list(dict.fromkeys([SINGLE_TASK, *(self.at[i]["architecture"] for i in lines)]))
-            seeds = list(
-                dict.fromkeys(int(self.at[i]["seed"]) for i in lines if self.at[i]["row_type"] == "metric")
-            )
+            # With the parameters, also what they ask for: a removed architecture or seed is then missing.
+            asked_archs, asked_seeds = self.grid.asked(dataset) if self.grid else ([], [])
+            archs = [*asked_archs, *(self.at[i]["architecture"] for i in lines)]
+            archs = list(dict.fromkeys([SINGLE_TASK, *archs]))
+            seeds = [
+                *asked_seeds,
+                *(int(self.at[i]["seed"]) for i in lines if self.at[i]["row_type"] == "metric"),
+            ]
+            seeds = list(dict.fromkeys(seeds))
             # What most rows record: one edited row must not make every other row look changed.
             where = {
                 k: Counter(self.at[i][k] for i in lines).most_common(1)[0][0]
@@ -248,7 +300,7 @@ class _Audit:
         return 1 if self.damage or self.reasons else 0
 
 
-def audit(summary: Path) -> int:
+def audit(summary: Path, grid: Grid | None = None) -> int:
     """Re-check every row of a summary (see the module docstring); 0 if all unchanged, 1 otherwise."""
     from ctan.summary import COLUMNS
 
@@ -276,7 +328,8 @@ def audit(summary: Path) -> int:
         problem = _row_problem(row)
         if problem:
             raise CtanError(summary, f"line {line}: {problem}; rebuild it with `ctan summarize`")
-    check = _Audit(summary, at)
+    check = _Audit(summary, at, grid)
+    check.check_grid()
     check.check_raw()
     check.check_data()
     check.check_metrics_and_models()

@@ -204,9 +204,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from ctan.audit import audit
+    from ctan.audit import audit, grid_of
+    from ctan.config import load_params
 
-    return audit(Path(args.summary))
+    grid = grid_of(load_params(args.params), ", ".join(args.params)) if args.params else None
+    return audit(Path(args.summary), grid)
 
 
 def _cmd_init_tracking(args: argparse.Namespace) -> int:
@@ -401,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
         "anything changed.",
     )
     p.add_argument("summary", help="results/summary.csv")
+    p.add_argument(
+        "--params",
+        action="append",
+        metavar="FILE",
+        help="the parameter files the summary was made with (repeat to merge, in order): also check that "
+        "it holds every dataset, architecture and seed they ask for, made with their settings (without "
+        "them a summary from which a whole architecture or dataset was removed looks unchanged)",
+    )
 
     p = add(
         "init-tracking",

@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ctan.config import params_hash
+from ctan.config import DatasetSettings, params_hash
 from ctan.errors import CtanError
 from ctan.outputs import staged
 from ctan.provenance import dvc_md5, file_sha256
@@ -69,9 +69,7 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
             "data_path": str(settings.preprocessed_dir),
             "raw_path": str(settings.raw_dir),
             "results_path": str(settings.results_dir),
-            "params_hash": params_hash(
-                {"data": settings.data_section, "training": settings.training, "model": settings.model}
-            ),
+            "params_hash": settings_hash(settings),
         }
         docs = read_metrics(settings, archs, trained_on)
         rows += dataset_rows(settings.name, archs, list(settings.seeds), docs, where)
@@ -81,6 +79,13 @@ def summarize(params: dict[str, Any], output: Path) -> Path:
         for row in rows:
             writer.writerow(format_row(row))
     return output
+
+
+def settings_hash(settings: DatasetSettings) -> str:
+    """The ``params_hash`` of a test set's rows: its data, training and model settings."""
+    return params_hash(
+        {"data": settings.data_section, "training": settings.training, "model": settings.model}
+    )
 
 
 def dataset_rows(
