@@ -119,3 +119,30 @@ def test_a_device_torch_or_this_machine_lacks_is_one_line(device, said):
         pytest.skip("this machine has that many CUDA devices")
     with pytest.raises(CtanError, match=said):
         pick_device(device)
+
+
+def test_an_invalid_parameter_names_the_file_that_set_it(tmp_path):
+    """Not every merged file: the one whose value the merge kept (a problem across keys names all)."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump({"training": {"lr": -1.0}}))
+    second.write_text(yaml.safe_dump({"training": {"epochs": 3}, "run": {"seeds": [1, 1]}}))
+    with pytest.raises(CtanError) as err:
+        load_params([REPO / "params.yaml", first])
+    assert str(err.value).startswith(f"{first}: invalid parameter at training/lr:")
+    with pytest.raises(CtanError) as err:
+        load_params([REPO / "params.yaml", second])
+    assert str(err.value).startswith(f"{second}: invalid parameter at run/seeds:")
+    # Set in the first file, left alone by the override: the first file is named.
+    base = tmp_path / "params.yaml"
+    base.write_text((REPO / "params.yaml").read_text().replace("lr: 0.005", "lr: -0.005", 1))
+    other = tmp_path / "c.yaml"
+    other.write_text(yaml.safe_dump({"training": {"epochs": 3}}))
+    with pytest.raises(CtanError) as err:
+        load_params([base, other])
+    assert str(err.value).startswith(f"{base}: invalid parameter at training/lr:")
+    # A problem across keys (a depth too deep for a shape set elsewhere) names every file.
+    first.write_text(yaml.safe_dump({"model": {"depth": 4}}))
+    with pytest.raises(CtanError) as err:
+        load_params([REPO / "params.yaml", first])
+    both = f"{REPO / 'params.yaml'}, {first}"
+    assert str(err.value).startswith(f"{both}: invalid parameter at model/depth (for")

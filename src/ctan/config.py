@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -218,6 +219,7 @@ def load_params(paths: list[str | Path] | None = None) -> dict[str, Any]:
     """Read and deep-merge parameter files in order (params.yaml first), then validate."""
     paths = [Path(p) for p in (paths or ["params.yaml"])]
     merged: dict[str, Any] = {}
+    loaded: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
         if not path.is_file():
             raise CtanError(path, "parameter file not found (run from the repository root or pass --params)")
@@ -228,7 +230,37 @@ def load_params(paths: list[str | Path] | None = None) -> dict[str, Any]:
         if not isinstance(data, dict):
             raise CtanError(path, "expected a mapping at the top level")
         merged = deep_merge(merged, data)
-    return validate(merged, source=", ".join(map(str, paths)))
+        loaded.append((path, data))
+    try:
+        return validate(merged, source=", ".join(map(str, paths)))
+    except CtanError as err:
+        found = _INVALID_AT.match(err.problem)
+        setter = _setting_file(loaded, found.group(1).split("/")) if found and len(loaded) > 1 else None
+        if setter is None:
+            raise
+        raise CtanError(setter, err.problem) from None
+
+
+# One key's problem (a check across keys, "model/depth (for D)", names every file).
+_INVALID_AT = re.compile(r"invalid parameter at ([^\s:]+):")
+
+
+def _setting_file(loaded: list[tuple[Path, dict[str, Any]]], keys: list[str]) -> Path | None:
+    """The file whose value of ``keys`` the merge kept: the last one setting the longest prefix of them
+    (lists replace, so run/seeds/1 is set by whichever file last set run/seeds)."""
+    for n in range(len(keys), 0, -1):
+        setters = [path for path, data in loaded if _has(data, keys[:n])]
+        if setters:
+            return setters[-1]
+    return None
+
+
+def _has(data: Any, keys: list[str]) -> bool:
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return True
 
 
 def params_hash(section: Any) -> str:
