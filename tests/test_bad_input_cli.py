@@ -134,6 +134,37 @@ def test_unsafe_zip_entries(tmp_path, capsys, kind):
     nothing_left(tmp_path, "raw")
 
 
+def zip_flagged(path: Path, kind: str) -> Path:
+    """A stored zip of a tiny HAM10000 dataset whose entries say they are encrypted, or compressed
+    with Deflate64 (method 9, what Windows Explorer writes for large files): zipfile reads neither."""
+    folder = generate("ham10000", path.parent / "src" / "release", COUNTS, seed=5)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for file in sorted(folder.rglob("*")):
+            zf.write(file, file.relative_to(folder.parent).as_posix())
+    data = bytearray(path.read_bytes())
+    for signature, flags, method in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = data.find(signature)
+        while at >= 0:
+            if kind == "encrypted":
+                data[at + flags] |= 1
+            else:
+                data[at + method : at + method + 2] = (9).to_bytes(2, "little")
+            at = data.find(signature, at + 4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("kind", "problem"), [("encrypted", "encrypted"), ("deflate64", "7-Zip")])
+def test_zip_that_zipfile_cannot_unpack(tmp_path, capsys, kind, problem):
+    """Was a RuntimeError / NotImplementedError traceback from zipfile."""
+    archive = zip_flagged(tmp_path / "release.zip", kind)
+    line = fails(
+        capsys, "download", params(tmp_path, "ham10000", archive, file_sha256(archive)), str(archive)
+    )
+    assert problem in line
+    nothing_left(tmp_path, "raw")
+
+
 def test_checksum_mismatch(tmp_path, capsys, ham_tar):
     archive = ham_tar()
     line = fails(capsys, "download", params(tmp_path, "ham10000", archive, "ab" * 32), str(archive))

@@ -227,3 +227,36 @@ def test_an_mlflow_store_whose_folder_cannot_be_made_is_one_line(tmp_path, monke
     params["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/file/sub/mlflow.db"
     with pytest.raises(CtanError, match="cannot create the MLflow store's folder"):
         init_tracking(params)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_folder_source_with_a_symlink_loop_or_a_dangling_link_is_refused(tmp_path, ham_folder, kind):
+    """A loop was copied into itself until the path grew too long (a shutil.Error traceback); a link to
+    nothing was hard-linked as a symlink into the download."""
+    release = ham_folder / "ham-release"
+    link = release / ("loop" if kind == "loop" else "notes.txt")
+    link.symlink_to(".." if kind == "loop" else tmp_path / "gone.txt")
+    with pytest.raises(CtanError, match="a loop" if kind == "loop" else "symlink to nothing") as err:
+        download_dataset(settings_for(tmp_path, source=str(ham_folder)))
+    assert err.value.path == str(link)
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_symlinks_in_a_folder_source_are_followed(tmp_path, ham_folder):
+    """An image folder kept on another disk, linked in: the download holds the images (its digest
+    covers them), not symlinks, which a relative link would leave pointing nowhere."""
+    release = ham_folder / "ham-release"
+    elsewhere = tmp_path / "disk" / "images"
+    elsewhere.parent.mkdir()
+    shutil.move(release / "HAM10000_images", elsewhere)
+    (release / "HAM10000_images").symlink_to(Path("..", "..", "disk", "images"))
+    out = download_dataset(settings_for(tmp_path, source=str(ham_folder)))
+    copied = out / "ham-release" / "HAM10000_images"
+    assert not copied.is_symlink() and not any(p.is_symlink() for p in copied.iterdir())
+    record = json.loads((out / "source.json").read_text())
+    images = sorted(p.name for p in elsewhere.iterdir())
+    assert images and all(f"ham-release/HAM10000_images/{n}" in record["files"] for n in images)
+    assert record["sha256"] == record["tree_sha256"] == tree_sha256(out, (fetch.SOURCE_JSON,))
+    # Pinned to that digest, the same folder is recognised as already downloaded.
+    again = settings_for(tmp_path, source=str(ham_folder), sha256=record["sha256"])
+    assert download_dataset(again) == out

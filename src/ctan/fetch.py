@@ -6,7 +6,9 @@ A source is one of
 - an ``https://`` URL of an archive: streamed to a temporary file, then handled as an archive;
 - a local archive (``.tar``, ``.tar.gz``/``.tgz``, ``.tar.xz``, ``.tar.bz2``, ``.zip``);
 - a local folder: copied (hard-linked where possible); its digest is the SHA-256 over the sorted
-  relative paths and file SHA-256s, the same as `ctan.provenance.tree_sha256`.
+  relative paths and file SHA-256s, the same as `ctan.provenance.tree_sha256`. Symlinks in it are
+  followed (the copy holds the files they point to, and the digest is the copy's); a symlink to nothing
+  or one that loops back to a folder holding it is refused before anything is copied.
 
 Archives and URLs must be pinned (``datasets.<name>.sha256`` in params.yaml or ``--sha256``); an
 unpinned or mismatching archive is refused with its actual digest in the message, so it can be pinned.
@@ -98,6 +100,11 @@ def _verify(path: str | Path, actual: str, pinned: str | None, settings: Dataset
         raise CtanError(path, f"SHA-256 mismatch: expected {pinned}, got {actual}")
 
 
+def _verify_folder(source: str, digest: str, pinned: str | None) -> None:
+    if pinned is not None and digest != pinned:
+        raise CtanError(source, f"SHA-256 mismatch (folder digest): expected {pinned}, got {digest}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Safe extraction
 
@@ -168,6 +175,16 @@ def extract_archive(archive: Path, dest: Path, scratch: Path) -> None:
                     zf.extract(info, dest)
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
             raise CtanError(archive, f"corrupt zip archive: {err}") from None
+        except NotImplementedError:  # e.g. Deflate64, which Windows Explorer writes for large zips
+            raise CtanError(
+                archive,
+                "zip compression method not supported by Python's zipfile (Deflate64, as Windows Explorer "
+                "writes for large files?): unpack it with 7-Zip or unzip and pass the folder as the source",
+            ) from None
+        except RuntimeError:  # zipfile's word for an encrypted entry (NotImplementedError is one too)
+            raise CtanError(
+                archive, "encrypted zip archive (password required): unpack it yourself and pass the folder"
+            ) from None
         return
     plain = _plain_tar(archive, scratch)
     try:
@@ -243,10 +260,59 @@ def download_url(url: str, dest: Path) -> str:
 
 def _link_or_copy(src: str, dst: str) -> None:
     # Large datasets (a synced bucket) should not be duplicated on disk where a hard link will do.
+    # The file a symlink points to, not the symlink (Linux's link() would link the symlink itself:
+    # a relative one would then point nowhere, an absolute one outside the download).
     try:
-        os.link(src, dst)
+        os.link(os.path.realpath(src), dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def _copy_folder(folder: Path, data: Path) -> None:
+    """Copy (hard-link where possible) a folder source; a file that cannot be copied is one line."""
+    try:
+        shutil.copytree(folder, data, dirs_exist_ok=True, copy_function=_link_or_copy)
+    except shutil.Error as err:  # copytree goes on past a failure and reports (src, dst, why) for each
+        failed = err.args[0] if err.args and isinstance(err.args[0], list) else []
+        src, why = (failed[0][0], failed[0][2]) if failed and len(failed[0]) == 3 else (folder, str(err))
+        raise CtanError(src, f"could not be copied from the folder source: {why}") from None
+    except OSError as err:
+        raise CtanError(err.filename or folder, f"could not be copied: {err.strerror or err}") from None
+
+
+def _check_folder(folder: Path) -> bool:
+    """Refuse a folder source that cannot be copied: a symlink to nothing, or one to a folder that holds
+    it (a loop); True if it holds symlinks (they are followed: the copy holds what they point to)."""
+    links = False
+    top = folder.stat()
+    stack = [(folder, frozenset({(top.st_dev, top.st_ino)}))]  # (folder, the real folders down to it)
+    while stack:
+        directory, above = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            raise CtanError(directory, f"cannot be listed: {err.strerror}") from None
+        for entry in entries:
+            link = entry.is_symlink()
+            try:
+                target = entry.stat(follow_symlinks=True)
+            except OSError:
+                raise CtanError(
+                    entry.path, "a symlink to nothing (or a loop of links): remove it or restore its target"
+                ) from None
+            links = links or link
+            if not stat.S_ISDIR(target.st_mode):
+                continue
+            key = (target.st_dev, target.st_ino)
+            # A link to any folder above it (inside the source or not) would be copied into itself.
+            if key in above or (
+                link and Path(directory).resolve().is_relative_to(Path(entry.path).resolve())
+            ):
+                raise CtanError(
+                    entry.path, "a symlink to a folder that holds it (a loop): remove it from the source"
+                )
+            stack.append((Path(entry.path), above | {key}))
+    return links
 
 
 def _demo_identity(settings: DatasetSettings) -> dict[str, Any]:
@@ -346,9 +412,11 @@ def download_dataset(
             raise CtanError(
                 source, f"holds the download's own folder {raw_dir}: a folder source is copied into it"
             )
-        digest, listing = hash_tree(Path(source).expanduser())
-        if pinned is not None and digest != pinned:
-            raise CtanError(source, f"SHA-256 mismatch (folder digest): expected {pinned}, got {digest}")
+        if _check_folder(folder):
+            digest = None  # symlinks are followed: the digest is the copy's, taken once it is made
+        else:
+            digest, listing = hash_tree(Path(source).expanduser())
+            _verify_folder(source, digest, pinned)
     elif kind == "url":
         digest = pinned  # known only after the download when unpinned (which is then refused)
     if digest is not None and _existing(raw_dir, lambda r: r.get("sha256") == digest, force):
@@ -374,7 +442,13 @@ def download_dataset(
         elif kind == "archive":
             extract_archive(Path(source).expanduser(), data, work)
         else:
-            shutil.copytree(Path(source).expanduser(), data, dirs_exist_ok=True, copy_function=_link_or_copy)
+            _copy_folder(Path(source).expanduser(), data)
+            if digest is None:  # a folder with symlinks: what was copied is what is recorded
+                digest, listing = hash_tree(data)
+                _verify_folder(source, digest, pinned)
+                if _existing(raw_dir, lambda r: r.get("sha256") == digest, force):
+                    print(f"{raw_dir}: already holds {source} (sha256 {digest[:12]}…); nothing to do")
+                    return raw_dir
         root, n_cases = _check_dataset(data, settings, source)
         # A copied folder was hashed at its source; everything else is hashed as extracted.
         tree_digest, files = (digest, listing) if kind == "folder" else hash_tree(data)
