@@ -231,3 +231,58 @@ def test_a_singular_direction_is_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="not orthogonal") as err:
         stoic.read_case(tiny, CaseRef("7", "train"))
     assert_names(err, "7.mha")
+
+
+def test_a_reference_typed_with_spaces_after_the_commas_reads(tmp_path: Path) -> None:
+    """ "PatientID, probCOVID, probSevere" was refused as missing probCOVID and probSevere."""
+    spaced = REFERENCE.replace(",", ", ")
+    root = make_root(tmp_path / "stoic", spaced, {p: tiny_image() for p in ("7", "12", "30")})
+    table = stoic.read_reference(root)
+    assert table["probCOVID"].to_dict() == {"7": 1, "12": 0, "30": 1}
+    assert table["probSevere"].to_dict() == {"7": 0, "12": 0, "30": 1}
+
+
+def edit_header(path: Path, old: bytes, new: bytes) -> None:
+    """Replace the header line that starts with ``old`` by ``new`` (nothing: drop it)."""
+    data = path.read_bytes()
+    end = data.index(b"ElementDataFile")
+    lines = data[:end].split(b"\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith(old))
+    lines[at : at + 1] = [new] if new else []
+    path.write_bytes(b"\n".join(lines) + data[end:])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 2 0 0 0 2 0 0 0 2", "of length 2, 2, 2"),
+        (b"ElementSpacing", b"", "no ElementSpacing"),
+        (b"DimSize = 6 5 4", b"DimSize = 6 5 3", "holds 240 bytes.*describes 180: a wrong DimSize"),
+    ],
+    ids=["scaled-direction", "no-spacing", "dimsize-too-small"],
+)
+def test_a_header_itk_reads_without_a_word_is_refused(
+    tiny: Path, old: bytes, new: bytes, message: str
+) -> None:
+    """Each read silently: world coordinates twice too far, 1 mm voxels, the last slice dropped."""
+    edit_header(tiny / "data" / "mha" / "7.mha", old, new)
+    with pytest.raises(CtanError, match=message) as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")
+
+
+def test_data_longer_than_the_header_says_is_refused(tiny: Path) -> None:
+    path = tiny / "data" / "mha" / "7.mha"
+    path.write_bytes(path.read_bytes() + bytes(6 * 5 * 2))  # one more slice than DimSize holds
+    with pytest.raises(CtanError, match="holds 300 bytes of voxel data.*describes 240") as err:
+        stoic.read_case(tiny, CaseRef("7", "train"))
+    assert_names(err, "7.mha")
+
+
+@pytest.mark.parametrize("name", ["7.MHA", "7.mhd"])
+def test_a_volume_named_otherwise_is_pointed_at(tiny: Path, name: str) -> None:
+    path = tiny / "data" / "mha" / "7.mha"
+    path.rename(path.with_name(name))
+    with pytest.raises(CtanError, match=f"missing .*found {name}") as err:
+        stoic.list_cases(tiny)
+    assert_names(err, "7.mha")

@@ -109,7 +109,7 @@ def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
     present = set(os.listdir(root / MHA_FOLDER)) if (root / MHA_FOLDER).is_dir() else set()
     for patient_id in ids:
         if f"{patient_id}.mha" not in present:
-            raise CtanError(mha_path(root, patient_id), "missing (listed in metadata/reference.csv)")
+            raise CtanError(mha_path(root, patient_id), _missing(patient_id, present))
     split_file = root / SPLIT_FILE
     if split_file.is_file():
         by_patient = read_split_file(split_file, "PatientID", ids)
@@ -117,6 +117,54 @@ def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
         strata = dict(zip(ids, ref["probCOVID"] * 2 + ref["probSevere"], strict=True))
         by_patient = assign_splits(strata, split_params)
     return [CaseRef(i, by_patient[i]) for i in sorted(ids, key=lambda i: (len(i), i))]
+
+
+def _missing(patient_id: str, names: set[str]) -> str:
+    """ "missing", naming the file probably meant where one differs in case or extension (1.MHA, 1.mhd)."""
+    near = sorted(n for n in names if n.split(".", 1)[0].casefold() == patient_id.casefold())
+    hint = f"; found {near[0]}: the release's volumes are <PatientID>.mha, one file each" if near else ""
+    return f"missing (listed in metadata/reference.csv){hint}"
+
+
+MHA_HEADER_BYTES = 1 << 16  # a MetaImage header is a few hundred bytes of "Key = value" lines
+
+
+def _mha_header(path: Path) -> tuple[dict[str, str], int] | None:
+    """({key (lower case): value}, byte offset of the data) of a MetaImage file's text header, or None
+    where it is not one that ends in ``ElementDataFile`` (ITK then says what is wrong)."""
+    with open(path, "rb") as fh:
+        head = fh.read(MHA_HEADER_BYTES)
+    keys: dict[str, str] = {}
+    offset = 0
+    for line in head.split(b"\n"):
+        offset += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            return None
+        keys[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            return keys, offset
+    return None
+
+
+def _check_mha(path: Path, header: tuple[dict[str, str], int] | None, data_bytes: int) -> None:
+    """Refuse what ITK reads without a word: no voxel spacing (it assumes 1 mm), or more voxel data
+    than the header's DimSize and ElementType hold (it reads the first voxels: DimSize wrong?)."""
+    if header is None:
+        return
+    keys, offset = header
+    if "elementspacing" not in keys and "elementsize" not in keys:
+        raise CtanError(path, "the header gives no ElementSpacing: ITK would take 1 mm voxels; add it")
+    compressed = keys.get("compresseddata", "false").lower() == "true"
+    if keys.get("elementdatafile", "").upper() != "LOCAL" or compressed or "headersize" in keys:
+        return
+    stored = path.stat().st_size - offset
+    if stored != data_bytes:
+        raise CtanError(
+            path,
+            f"holds {stored} bytes of voxel data, but its header (DimSize, ElementType) describes "
+            f"{data_bytes}: a wrong DimSize?",
+        )
 
 
 def read_geometry(
@@ -147,8 +195,18 @@ def read_ct(path: Path) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...
     if not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise CtanError(path, f"voxel spacing must be positive, found {spacing} (z, y, x)")
     check_orthogonal(np.reshape(direction, (3, 3)), path)
+    lengths = np.linalg.norm(np.reshape(direction, (3, 3)), axis=0)
+    if not np.allclose(lengths, 1.0, atol=1e-3):
+        raise CtanError(
+            path,
+            f"direction cosines of length {', '.join(f'{n:g}' for n in lengths)}, not 1: the spacing "
+            "belongs in ElementSpacing, not in TransformMatrix",
+        )
+    header = _mha_header(path) if path.suffix.lower() == ".mha" else None
     image = _itk(reader.Execute, path, "data")
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    stored = sitk.GetArrayViewFromImage(image)
+    _check_mha(path, header, stored.nbytes)
+    array = stored.astype(np.float32)
     check_hu(array, path)
     return array, spacing, origin, direction
 
