@@ -25,6 +25,20 @@ def test_read_table_names_the_file_and_the_missing_columns(tmp_path: Path) -> No
         read_table(path, ("a",))
 
 
+def test_a_header_with_spaces_after_the_commas_names_its_columns(tmp_path: Path) -> None:
+    """ "a, b" was refused as "missing column(s) b" although the header plainly names b."""
+    path = tmp_path / "labels.csv"
+    path.write_text("a, b ,c\n1,2,3\n")
+    assert read_table(path, ("a", "b", "c")).columns.tolist() == ["a", "b", "c"]
+
+
+def test_a_semicolon_separated_table_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("a;b\n1;2\n")
+    with pytest.raises(CtanError, match="missing column\\(s\\) a, b; separated by ';'"):
+        read_table(path, ("a", "b"))
+
+
 def test_a_split_file_without_its_columns_says_which_it_expects(tmp_path: Path) -> None:
     path = tmp_path / "split.csv"
     path.write_text("case,fold\nc1,train\n")

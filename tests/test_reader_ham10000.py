@@ -277,3 +277,48 @@ def test_one_image_in_two_part_folders_is_refused(tiny: Path) -> None:
     with pytest.raises(CtanError, match="also in HAM10000_images/") as err:
         ham10000.list_cases(tiny)
     assert_names(err, "ISIC_0003.jpg")
+
+
+def test_metadata_typed_with_spaces_after_the_commas_reads(tiny: Path) -> None:
+    """ "lesion_id, image_id, dx" was refused as missing image_id and dx."""
+    meta = tiny / ham10000.MARKER
+    meta.write_text(meta.read_text().replace(",", ", "))
+    refs = ham10000.list_cases(tiny)
+    assert len(refs) == len(ROWS)
+    assert ham10000.read_case(tiny, refs[0]).labels["diagnosis"] == ham10000.CLASS_NAMES.index(ROWS[0][2])
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a damaged header), with one byte of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_mask_whose_header_claims_a_huge_size_is_refused(tiny: Path) -> None:
+    """Pillow's DecompressionBombError (not an OSError) escaped as a traceback."""
+    (tiny / ham10000.MASK_FOLDER / "ISIC_0003_segmentation.png").write_bytes(
+        png_header_claiming(30000, 30000)
+    )
+    with pytest.raises(CtanError, match="not a readable image") as err:
+        ham10000.read_case(tiny, CaseRef("ISIC_0003", "train"))
+    assert_names(err, "ISIC_0003_segmentation.png")
+
+
+def test_an_image_id_written_with_its_extension_is_pointed_at(tiny: Path) -> None:
+    """Was "HAM10000_images/ISIC_0003.jpg.jpg: missing", which hides what is wrong."""
+    meta = tiny / ham10000.MARKER
+    meta.write_text(meta.read_text().replace(",ISIC_0003,", ",ISIC_0003.jpg,"))
+    with pytest.raises(CtanError, match=r"image_id ISIC_0003.jpg has a file extension.*\(ISIC_0003\)") as err:
+        ham10000.list_cases(tiny)
+    assert_names(err, ham10000.MARKER)

@@ -478,3 +478,22 @@ def test_a_semicolon_separated_csv_says_so(synthetic_root: Path) -> None:
     with pytest.raises(CtanError, match="separated by ';'") as err:
         read_synthetic(synthetic_root)
     assert_names(err, "dose.csv")
+
+
+def test_validation_pats_beside_valid_pats_is_refused(synthetic_root: Path) -> None:
+    """Both names are the validation split; only validation-pats was read, valid-pats' patients
+    left out without a word."""
+    write_patient(synthetic_root / "provided-data" / "validation-pats" / "pt_201")
+    write_patient(synthetic_root / "provided-data" / "valid-pats" / "pt_202")
+    with pytest.raises(CtanError, match="a second validation folder beside validation-pats") as err:
+        openkbp.list_cases(synthetic_root)
+    assert_names(err, "valid-pats")
+
+
+def test_a_utf16_csv_is_named_as_such(synthetic_root: Path) -> None:
+    """Was "ends inside a row (cut short?)": a UTF-16 file ends in a zero byte."""
+    path = synthetic_root / "provided-data" / "train-pats" / "pt_1" / "dose.csv"
+    path.write_bytes(path.read_text().encode("utf-16"))
+    with pytest.raises(CtanError, match="UTF-16") as err:
+        read_synthetic(synthetic_root)
+    assert_names(err, "dose.csv")

@@ -71,13 +71,20 @@ class Case:
 
 
 def read_table(path: Path, columns: tuple[str, ...], hint: str = "", **read_csv: Any) -> pd.DataFrame:
-    """A CSV that must hold ``columns``, or a `CtanError` naming the file instead of a pandas traceback."""
+    """A CSV that must hold ``columns``, or a `CtanError` naming the file instead of a pandas traceback.
+
+    Column names are stripped of surrounding spaces (``PatientID, probCOVID`` is a header of two known
+    columns); a semicolon-separated file is named as such."""
     try:
         table = pd.read_csv(path, **read_csv)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
         raise CtanError(path, f"not a readable CSV: {err}") from None
+    # "PatientID, probCOVID" (a space after each comma, as people type it) names the same columns.
+    table.columns = [c.strip() if isinstance(c, str) else c for c in table.columns]
     missing = [c for c in columns if c not in table.columns]
     if missing:
+        if len(table.columns) == 1 and ";" in str(table.columns[0]):
+            hint += "; separated by ';' instead of ','? (save it as comma-separated CSV)"
         raise CtanError(path, f"missing column(s) {', '.join(missing)}{hint}")
     return table
 

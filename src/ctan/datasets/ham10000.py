@@ -42,6 +42,7 @@ METADATA_COLUMNS: tuple[str, ...] = ("lesion_id", "image_id", "dx")
 IMAGE_FOLDERS: tuple[str, ...] = ("HAM10000_images", "HAM10000_images_part_1", "HAM10000_images_part_2")
 MASK_FOLDER = "HAM10000_segmentations_lesion_tschandl"
 SPLIT_FILE = "split.csv"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios still taken as the same picture
 
 TASKS: dict[str, Task] = {
@@ -82,6 +83,13 @@ def _metadata(path: Path) -> pd.DataFrame:
     if unknown:
         raise CtanError(
             path, f"unknown dx {', '.join(map(repr, unknown))}; expected one of {', '.join(CLASS_NAMES)}"
+        )
+    with_suffix = table["image_id"][table["image_id"].str.lower().str.endswith(IMAGE_SUFFIXES)]
+    if len(with_suffix):
+        image_id = with_suffix.iloc[0]
+        raise CtanError(
+            path,
+            f"image_id {image_id} has a file extension; list ids as released ({image_id.rsplit('.', 1)[0]})",
         )
     duplicated = table["image_id"][table["image_id"].duplicated()]
     if len(duplicated):
@@ -165,6 +173,8 @@ def _load(path: Path, mode: str) -> np.ndarray:
             return np.asarray(im.convert(mode))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CtanError(path, f"not a readable image: {err}") from None
+    except Image.DecompressionBombError as err:  # a header claiming a huge size: damaged, or not a photo
+        raise CtanError(path, f"not a readable image: {err} (damaged header?)") from None
 
 
 def lesion_of(mask: np.ndarray, path: Path) -> np.ndarray:

@@ -141,10 +141,13 @@ def _split_folders(root: Path) -> dict[str, Path]:
             )
     out = {}
     for split, names in SPLIT_FOLDERS.items():
-        for name in names:
-            if (data / name).is_dir():
-                out[split] = data / name
-                break
+        found = [data / name for name in names if (data / name).is_dir()]
+        if len(found) > 1:  # the second one's patients would be left out without a word
+            raise CtanError(
+                found[1], f"a second {split} folder beside {found[0].name}: merge its patients into that one"
+            )
+        if found:
+            out[split] = found[0]
     if not out:
         raise CtanError(data, "no train-pats, validation-pats or test-pats folder")
     return out
@@ -189,6 +192,8 @@ def read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray |
     for magic, kind in _COMPRESSED:
         if data.startswith(magic):
             raise CtanError(path, f"is {kind}, not a CSV: unpack it first")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CtanError(path, "is UTF-16 text (Excel's 'Unicode text'?): save it as UTF-8 or ASCII")
     if data and not data.endswith((b"\n", b"\r")):
         raise CtanError(path, "ends inside a row (cut short?); a complete OpenKBP CSV ends with a line break")
     try:
