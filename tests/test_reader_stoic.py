@@ -258,8 +258,16 @@ def edit_header(path: Path, old: bytes, new: bytes) -> None:
         (b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 2 0 0 0 2 0 0 0 2", "of length 2, 2, 2"),
         (b"ElementSpacing", b"", "no ElementSpacing"),
         (b"DimSize = 6 5 4", b"DimSize = 6 5 3", "holds 240 bytes.*describes 180: a wrong DimSize"),
+        (b"Offset", b"Offset = 1 nan 3", "offset = '1 nan 3' is not 3 finite numbers"),
+        (b"Offset", b"Offset = 1 2", "offset = '1 2' is not 3 finite numbers"),
     ],
-    ids=["scaled-direction", "no-spacing", "dimsize-too-small"],
+    ids=[
+        "scaled-direction",
+        "no-spacing",
+        "dimsize-too-small",
+        "nan-origin",
+        "short-origin",
+    ],
 )
 def test_a_header_itk_reads_without_a_word_is_refused(
     tiny: Path, old: bytes, new: bytes, message: str

@@ -155,6 +155,7 @@ def _check_mha(path: Path, header: tuple[dict[str, str], int] | None, data_bytes
     keys, offset = header
     if "elementspacing" not in keys and "elementsize" not in keys:
         raise CtanError(path, "the header gives no ElementSpacing: ITK would take 1 mm voxels; add it")
+    _check_numbers(path, keys)
     compressed = keys.get("compresseddata", "false").lower() == "true"
     if keys.get("elementdatafile", "").upper() != "LOCAL" or compressed or "headersize" in keys:
         return
@@ -165,6 +166,34 @@ def _check_mha(path: Path, header: tuple[dict[str, str], int] | None, data_bytes
             f"holds {stored} bytes of voxel data, but its header (DimSize, ElementType) describes "
             f"{data_bytes}: a wrong DimSize?",
         )
+
+
+# Header fields of numbers and how many each holds (per NDims): ITK fills what is short or not a
+# number with 0 without a word (an origin "1 nan 3" or "1 2" is read as (1, 0, 0) or (1, 2, 0)).
+_MHA_NUMBERS = {
+    "offset": 1, "origin": 1, "position": 1, "elementspacing": 1, "elementsize": 1, "dimsize": 1,
+    "transformmatrix": 2, "rotation": 2, "orientation": 2,
+}  # fmt: skip
+
+
+def _check_numbers(path: Path, keys: dict[str, str]) -> None:
+    try:
+        ndims = int(keys.get("ndims", "3"))
+    except ValueError:
+        return  # ITK refuses it
+    for key, power in _MHA_NUMBERS.items():
+        if key not in keys:
+            continue
+        try:
+            values = [float(v) for v in keys[key].split()]
+        except ValueError:
+            values = []
+        if len(values) != ndims**power or not all(np.isfinite(values)):
+            raise CtanError(
+                path,
+                f"header field {key} = {keys[key]!r} is not {ndims**power} finite numbers "
+                f"(NDims = {ndims}): ITK would read what is missing as 0",
+            )
 
 
 def read_geometry(
