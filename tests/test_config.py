@@ -86,22 +86,12 @@ def test_cli_reports_missing_params_file_in_one_line(tmp_path, capsys):
             "training/patch_size (for openkbp_demo): [64, 16, 16] is larger than the preprocessed shape "
             "[24, 32, 32] on axis 0",
         ),
-        (
-            {"model": {"depth": 4}},
-            "model/depth (for openkbp_demo): the preprocessed shape [24, 32, 32] is not divisible by "
-            "2**depth = 16: 24 (axis 0)",
-        ),
-        (
-            {"datasets": {"stoic_demo": {"training": {"patch_size": [20, 16, 16]}}}},
-            "model/depth (for stoic_demo): the patch_size [20, 16, 16] is not divisible by 2**depth = 8",
-        ),
     ],
 )
 def test_settings_that_would_give_wrong_results_or_delete_data_are_refused(tmp_path, override, said):
     """Each passed the schema before: counted twice, trained to NaN, tracebacks, or (overlapping folders)
     preprocess --force replacing the downloads and evaluate deleting the models; a patch larger than the
-    volume trained on padding (~40x slower), and a depth too deep for the grid failed only at the first
-    training step, after preprocessing."""
+    volume trained on padding (~40x slower)."""
     path = tmp_path / "o.yaml"
     path.write_text(yaml.safe_dump(override))
     with pytest.raises(CtanError, match="invalid parameter at") as err:
@@ -140,9 +130,9 @@ def test_an_invalid_parameter_names_the_file_that_set_it(tmp_path):
     with pytest.raises(CtanError) as err:
         load_params([base, other])
     assert str(err.value).startswith(f"{base}: invalid parameter at training/lr:")
-    # A problem across keys (a depth too deep for a shape set elsewhere) names every file.
-    first.write_text(yaml.safe_dump({"model": {"depth": 4}}))
+    # A problem across keys (a patch larger than a shape set elsewhere) names every file.
+    first.write_text(yaml.safe_dump({"training": {"patch_size": [32, 32, 32]}}))
     with pytest.raises(CtanError) as err:
         load_params([REPO / "params.yaml", first])
     both = f"{REPO / 'params.yaml'}, {first}"
-    assert str(err.value).startswith(f"{both}: invalid parameter at model/depth (for")
+    assert str(err.value).startswith(f"{both}: invalid parameter at training/patch_size (for")

@@ -197,7 +197,6 @@ def test_build_rejects_bad_settings(kwargs: dict, message: str) -> None:
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
-        ((1, 1, 16, 16, 18), r"spatial size \(16, 16, 18\) is not divisible by 2\*\*depth = 4"),
         ((1, 2, 16, 16, 16), "2 channels; the model was built for 1"),
         ((1, 1, 16, 16), "expected \\(batch, 1, 3 spatial sizes\\)"),
     ],
@@ -206,3 +205,33 @@ def test_forward_rejects_bad_input(shape: tuple[int, ...], message: str) -> None
     model = build_model("hps", [DOSE], 1, 3, WIDTH, DEPTH)
     with pytest.raises(CtanError, match=message):
         model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(("dims", "size"), [(3, (9, 14, 11)), (2, (30, 21))])
+def test_any_input_size_is_padded_and_cropped_back(arch: str, dims: int, size: tuple[int, ...]) -> None:
+    """A case on its native grid need not be a multiple of 2**depth: dense outputs keep its size and
+    are what the network gives on the zero-padded input; image-level outputs keep their shape."""
+    tasks = [DOSE, STRUCTURES] if dims == 3 else [LESION, DIAGNOSIS]
+    if arch == "stl":
+        tasks = tasks[:1]
+    model = build_model(arch, tasks, 1, dims, WIDTH, DEPTH, attention_heads=HEADS).eval()
+    x = torch.rand(2, 1, *size)
+    with torch.no_grad():
+        out = model(x)
+        padded = model.predict(torch.nn.functional.pad(x, [p for n in size[::-1] for p in (0, -n % 4)]))
+    for t in tasks:
+        if t.dense:
+            assert out[t.name].shape == (2, t.out_channels, *size)
+            assert torch.equal(out[t.name], padded[t.name][(..., *(slice(0, n) for n in size))])
+        else:
+            assert torch.equal(out[t.name], padded[t.name])
+
+
+def test_a_size_that_is_a_multiple_of_2_to_the_depth_is_not_padded() -> None:
+    model = build_model("ctan", [DOSE, STRUCTURES], 1, 3, WIDTH, DEPTH, attention_heads=HEADS).eval()
+    x = torch.rand(1, 1, *SIZE[3])
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b) for a, b in zip(model(x).values(), model.predict(x).values(), strict=True)
+        )

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -321,3 +322,53 @@ def test_evaluate_refuses_a_model_of_another_architecture(prepared):
             load_models(settings, arch, 7, torch.device("cpu"))
         assert err.value.path == str(target / "model.pt")
     assert set(load_models(settings, "hps", 7, torch.device("cpu"))[0]) == set(settings.tasks)
+
+
+def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
+    """preprocess.shape null: each case keeps its own size (none a multiple of 2**depth here). Patches
+    train; whole volumes validate one at a time and are scored at their own size; batches of whole
+    volumes of different sizes are one line naming them."""
+    from conftest import run_folder
+    from ctan.errors import CtanError
+    from ctan.evaluation import evaluate
+    from ctan.fetch import download_dataset
+    from ctan.preprocess.pipeline import preprocess_dataset
+    from ctan.store import SplitStore
+    from ctan.tracking import init_tracking
+
+    name = "prostate_demo"
+    override = {
+        "run": {"datasets": [name], "architectures": ["stl", "ctan"], "seeds": [0]},
+        "mlflow": {"tracking_uri": "mlruns", "experiment": "native"},
+        "training": {"epochs": 1, "batch_size": 2, "cache_mb": 0},
+        "datasets": {
+            name: {
+                "demo": {"train": 4, "validation": 2, "test": 2, "seed": 12},
+                "preprocess": {"spacing": [9.0, 9.0, 9.0], "shape": None, "ct_window": [-300, 500]},
+                "training": {"epochs": 1, "patch_size": [8, 8, 8]},
+            }
+        },
+    }
+    with run_folder(tmp_path / "run"):
+        Path("o.yaml").write_text(yaml.safe_dump(override))
+        params = load_params([Path("params.yaml"), Path("o.yaml")])
+        settings = dataset_settings(params, name)
+        download_dataset(settings)
+        preprocess_dataset(settings)
+        store = SplitStore.open(settings.preprocessed_dir / "test.zarr")
+        sizes = {tuple(store.array(c, "image").shape[1:]) for c in store.case_ids}
+        assert any(n % 8 for size in sizes for n in size), sizes  # the padded path is taken
+        init_tracking(params)
+        train(params, name, "ctan", 0)
+        evaluate(params, name, "ctan", 0)
+        prediction = np.load(
+            settings.results_dir / "ctan" / "seed0" / "predictions" / f"{store.case_ids[0]}.npz"
+        )
+        assert prediction["dose"].shape[1:] == store.array(store.case_ids[0], "image").shape[1:]
+
+        whole = {**override, "training": {**override["training"]}}
+        whole["datasets"][name]["training"] = {"epochs": 1, "patch_size": None}
+        Path("o.yaml").write_text(yaml.safe_dump(whole))
+        params = load_params([Path("params.yaml"), Path("o.yaml")])
+        with pytest.raises(CtanError, match="cases of one batch differ in size .*batch_size 1"):
+            train(params, name, "ctan", 1)

@@ -452,6 +452,20 @@ class CaseDataset(Dataset):
         return items
 
 
+def stack_items(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, or one line naming the cases where whole volumes of different sizes (a
+    native grid: ``preprocess.shape`` null) cannot be stacked into a batch."""
+    shapes = {tuple(item["image"].shape) for item in items}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{item['case_id']} {tuple(item['image'].shape[1:])}" for item in items[:3])
+        raise CtanError(
+            None,
+            f"cases of one batch differ in size ({sizes}): on a native grid (preprocess.shape null) "
+            "set training.patch_size (3D), a preprocess shape, or training.batch_size 1",
+        )
+    return torch.utils.data.default_collate(items)
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """``(epoch, index)`` keys for one pass over a `CaseDataset`: shuffled by (seed, epoch) alone when
     ``shuffle`` (in the order ``DataLoader(shuffle=True)`` with that generator gives), else in order.

@@ -5,11 +5,17 @@ each a `ConvBlock` followed by 2x max-pooling, then a bottleneck `ConvBlock` at 
 with ``width * 2**depth`` channels. The decoder mirrors the encoder: transposed-conv up-sampling,
 concatenation with the encoder stage's skip features, `ConvBlock`. `MultiTaskNet` is the base every
 architecture shares: its configuration, the input check and the ``{task: prediction}`` contract.
+
+Any input size works: one whose sizes are not multiples of ``2**depth`` (a case on its native grid, a
+patch of any size) is zero-padded at the far end of each axis up to the next multiple and the dense
+outputs are cropped back, so every output voxel is the input voxel's (image-level heads pool over the
+padding too). Sizes that are multiples take the unpadded path unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ctan.errors import CtanError
@@ -22,7 +28,7 @@ def stage_channels(width: int, depth: int) -> list[int]:
     return [width * 2**i for i in range(depth + 1)]
 
 
-def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int, depth: int) -> None:
+def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int) -> None:
     """Fail with one clear line instead of a shape error deep inside a concatenation."""
     if x.dim() != spatial_dims + 2:
         raise CtanError(
@@ -32,14 +38,6 @@ def check_input(x: torch.Tensor, in_channels: int, spatial_dims: int, depth: int
         )
     if x.shape[1] != in_channels:
         raise CtanError(None, f"model input has {x.shape[1]} channels; the model was built for {in_channels}")
-    factor = 2**depth
-    spatial = tuple(x.shape[2:])
-    if any(s % factor for s in spatial):
-        raise CtanError(
-            None,
-            f"input spatial size {spatial} is not divisible by 2**depth = {factor}; choose a "
-            f"preprocess shape / patch_size that is a multiple of {factor} or a smaller model depth",
-        )
 
 
 class Encoder(nn.Module):
@@ -112,8 +110,18 @@ class MultiTaskNet(nn.Module):
         return [t for t in self.tasks if t.dense]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input(x, self.in_channels, self.spatial_dims, self.depth)
-        return self.predict(x)
+        check_input(x, self.in_channels, self.spatial_dims)
+        spatial = tuple(x.shape[2:])
+        factor = 2**self.depth
+        padded = tuple(-(-n // factor) * factor for n in spatial)
+        if padded == spatial:
+            return self.predict(x)
+        # F.pad lists (before, after) pairs from the last axis backwards.
+        pad = [p for n, q in zip(spatial[::-1], padded[::-1], strict=True) for p in (0, q - n)]
+        out = self.predict(F.pad(x, pad))
+        crop = (Ellipsis, *(slice(0, n) for n in spatial))
+        dense = {t.name for t in self.dense_tasks}
+        return {name: y[crop] if name in dense else y for name, y in out.items()}
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -239,7 +239,8 @@ def train(
     precision = cfg.get("precision", "auto")
     _check_cpu_bf16(dev, precision)
     state = fresh_state(model, tasks, cfg, dev)
-    train_loader, val_loader = loaders(train_set, val_set, cfg, seed)
+    fixed_shape = (manifest.get("plan") or {}).get("shape") is not None
+    train_loader, val_loader = loaders(train_set, val_set, cfg, seed, fixed_shape)
     ckpt_path = out / "checkpoint.pt"
     if said := state.resume(ckpt_path, config_hash, code_hash, cfg["epochs"]):
         print(said)
@@ -365,25 +366,30 @@ def splits(settings, manifest: dict[str, Any], tasks: list[Task], cfg: dict[str,
     return train_set, val_set
 
 
-def loaders(train_set, val_set, cfg: dict[str, Any], seed: int) -> tuple[DataLoader, DataLoader]:
+def loaders(
+    train_set, val_set, cfg: dict[str, Any], seed: int, fixed_shape: bool = True
+) -> tuple[DataLoader, DataLoader]:
     """One DataLoader per split for the whole run, drawing ``(epoch, index)`` keys from an
     `EpochSampler`: with ``num_workers`` > 0 the workers persist across epochs, keeping their decoded
-    cases, and build the next batches while the model trains on this one."""
-    from ctan.loader import EpochSampler
+    cases, and build the next batches while the model trains on this one. Without a ``fixed_shape``
+    (a native grid) whole validation volumes differ in size: they are validated one at a time."""
+    from ctan.loader import EpochSampler, stack_items
 
     workers = int(cfg["num_workers"])
 
-    def loader(split, shuffle: bool) -> DataLoader:
+    def loader(split, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
             split,
-            batch_size=cfg["batch_size"],
+            batch_size=batch_size,
             sampler=EpochSampler(len(split), seed, shuffle),
             num_workers=workers,
             persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed),  # workers' seeds: not from the global RNG
+            collate_fn=stack_items,
         )
 
-    return loader(train_set, True), loader(val_set, False)
+    val_batch = cfg["batch_size"] if fixed_shape else 1
+    return loader(train_set, True, cfg["batch_size"]), loader(val_set, False, val_batch)
 
 
 def model_for(arch: str, tasks: list[Task], settings, manifest: dict[str, Any], in_channels: int):
