@@ -260,3 +260,24 @@ def test_symlinks_in_a_folder_source_are_followed(tmp_path, ham_folder):
     # Pinned to that digest, the same folder is recognised as already downloaded.
     again = settings_for(tmp_path, source=str(ham_folder), sha256=record["sha256"])
     assert download_dataset(again) == out
+
+
+@pytest.mark.parametrize("kind", ["archive", "folder"])
+def test_read_only_folders_in_a_source_are_writable_in_the_download(tmp_path, ham_folder, kind):
+    """A 0555 folder (a read-only mirror, or an archive of one) copied as it came would refuse, to a
+    non-root user, a `--force` replacement and the deletion of the download (and, extracted, the files
+    after it: tar's "data" filter keeps that from happening; the folder copy kept the mode)."""
+    images = next(p for p in ham_folder.rglob("*") if p.is_dir() and p.name.startswith("HAM10000_images"))
+    member = images.relative_to(ham_folder)
+    images.chmod(0o555)
+    try:
+        if kind == "archive":
+            source = make_archive(ham_folder, tmp_path / "release.tar")
+            with tarfile.open(source) as tf:  # the archive does record the folder as read-only
+                assert tf.getmember(member.as_posix()).mode & 0o777 == 0o555
+            out = download_dataset(settings_for(tmp_path, source=str(source), sha256=file_sha256(source)))
+        else:
+            out = download_dataset(settings_for(tmp_path, source=str(ham_folder)))
+    finally:
+        images.chmod(0o755)
+    assert (out / member).is_dir() and (out / member).stat().st_mode & 0o200

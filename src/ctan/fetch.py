@@ -192,6 +192,8 @@ def extract_archive(archive: Path, dest: Path, scratch: Path) -> None:
             members = tf.getmembers()
             _check_tar(archive, members)
             for m in tqdm(members, desc="extracting", unit="file", disable=None, leave=False):
+                # The "data" filter also leaves folders' modes alone: a read-only one would refuse the
+                # files after it, and later its deletion, to a non-root user.
                 tf.extract(m, dest, filter="data")
     except (tarfile.TarError, OSError, EOFError) as err:
         raise CtanError(
@@ -269,9 +271,15 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _copy_folder(folder: Path, data: Path) -> None:
-    """Copy (hard-link where possible) a folder source; a file that cannot be copied is one line."""
+    """Copy (hard-link where possible) a folder source; a file that cannot be copied is one line. The
+    copied folders are made writable by their owner: copytree gives them the source's modes, and a
+    read-only one could not be replaced (`--force`) or deleted by a non-root user."""
     try:
         shutil.copytree(folder, data, dirs_exist_ok=True, copy_function=_link_or_copy)
+        for sub in [data, *(p for p in data.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            mode = sub.stat().st_mode
+            if not mode & stat.S_IWUSR:
+                sub.chmod(mode | stat.S_IWUSR)
     except shutil.Error as err:  # copytree goes on past a failure and reports (src, dst, why) for each
         failed = err.args[0] if err.args and isinstance(err.args[0], list) else []
         src, why = (failed[0][0], failed[0][2]) if failed and len(failed[0]) == 3 else (folder, str(err))
