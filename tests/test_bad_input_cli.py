@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import tarfile
 import zipfile
 from collections.abc import Callable
@@ -341,3 +342,29 @@ def test_probability_mask_nifti(tmp_path, capsys):
 
     line = corrupt_then_preprocess(tmp_path, capsys, "nifti_cases", corrupt)
     assert "not a binary mask" in line and "0.3" in line
+
+
+def test_one_patient_in_two_splits_is_refused(tmp_path, capsys):
+    """A training patient copied into test-pats (under another name) leaks the test set into training."""
+
+    def corrupt(folder):
+        data = folder / "provided-data"
+        shutil.copytree(data / "train-pats" / "pt_1", data / "test-pats" / "pt_250")
+        return data / "test-pats" / "pt_250"
+
+    line = corrupt_then_preprocess(tmp_path, capsys, "openkbp", corrupt)
+    assert "pt_1 (train), pt_250 (test) hold the same image" in line and "leaks the test set" in line
+
+
+def test_one_case_twice_in_a_split_is_a_note(tmp_path, capsys):
+    folder = generate("openkbp", tmp_path / "src", COUNTS, seed=7)
+    data = folder / "provided-data"
+    shutil.copytree(data / "train-pats" / "pt_1", data / "train-pats" / "pt_9")
+    args = params(tmp_path, "openkbp", folder)
+    assert main(["download", *args]) == 0
+    capsys.readouterr()
+    assert main(["preprocess", *args]) == 0
+    assert (
+        "note: cases pt_1 (train), pt_9 (train) hold the same image: counted 2 times"
+        in capsys.readouterr().out
+    )

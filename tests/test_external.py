@@ -365,3 +365,26 @@ def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch
         writer.writerows(edited)
     assert audit(root / "edited.csv") == 1
     assert "ham_site_b/hps/seed 0/lesion/dice" in capsys.readouterr().out
+
+
+def test_an_external_set_holding_training_patients_is_refused(tmp_path):
+    """ "Another site's" patients that are the training set's own (the same release copied) would score
+    seen patients as unseen: matched on identically preprocessed images, at evaluation."""
+    from ctan.datasets.demo import generate
+    from ctan.evaluation import check_external_manifest
+
+    params = _base()
+    params["datasets"]["openkbp_demo"]["demo"] = {"train": 2, "validation": 1, "test": 1, "seed": 1}
+    generate("openkbp", tmp_path / "release", {"train": 2, "validation": 1, "test": 1}, seed=1)
+    patients = tmp_path / "release" / "provided-data" / "train-pats"  # the demo's own training patients
+    entry = {"format": "openkbp", "external_of": "openkbp_demo", "source": str(patients), "sha256": None}
+    params = _local(tmp_path, params, site_b=entry)
+    training, external = dataset_settings(params, "openkbp_demo"), dataset_settings(params, "site_b")
+    download_dataset(training)
+    download_dataset(external)
+    ours = read_manifest(preprocess_dataset(training))
+    theirs = read_manifest(preprocess_dataset(external, training=training))
+    with pytest.raises(
+        CtanError, match=r"site_b holds cases of its training dataset: pt_1 = openkbp_demo pt_1 \(train\)"
+    ):
+        check_external_manifest(ours, theirs, training, external)

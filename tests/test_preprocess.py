@@ -478,6 +478,8 @@ def test_real_mha_keeps_spacing_direction_and_world_position(shared_data, tmp_pa
     ):
         image = sitk.ReadImage(str(shared_data / "ct-samples" / f"{name}.mha"))
         if direction is not None:
+            # 1 HU more: the same scan in two splits is refused as a leak (ctan.leakage).
+            image = sitk.Add(image, 1)
             image.SetDirection(direction)
         sitk.WriteImage(image, str(root / "data" / "mha" / f"{patient}.mha"))
         sources[patient] = image
@@ -526,10 +528,15 @@ def test_real_nifti_keeps_its_affine(shared_data, tmp_path):
     centre = ras.mean(0) + [20.0, -10.0, 15.0]
     dose = 60 * np.exp(-((ras - centre) ** 2).sum(1) / (2 * 25.0**2)).reshape(ct.shape)
     root = tmp_path / "byo"
-    for case in ("a", "b", "c"):
+    for i, case in enumerate(("a", "b", "c")):
         folder = root / "cases" / case
         (folder / "masks").mkdir(parents=True)
-        shutil.copy(shared_data / "nifti" / "example_ct.nii.gz", folder / "ct.nii.gz")
+        if i == 0:
+            shutil.copy(shared_data / "nifti" / "example_ct.nii.gz", folder / "ct.nii.gz")
+        else:  # i HU more: the same scan in two splits is refused as a leak (ctan.leakage)
+            nib.save(
+                nib.Nifti1Image(np.asanyarray(ct.dataobj) + i, ct.affine, ct.header), folder / "ct.nii.gz"
+            )
         nib.save(nib.Nifti1Image(dose.astype(np.float32), ct.affine), folder / "dose.nii.gz")
         nib.save(nib.Nifti1Image((dose > 30).astype(np.uint8), ct.affine), folder / "masks" / "PTV.nii.gz")
     pd.DataFrame({"case": ["a", "b", "c"], "split": ["train", "validation", "test"]}).to_csv(

@@ -369,6 +369,9 @@ def check_external_manifest(training: dict[str, Any], external: dict[str, Any], 
             f"external test set {data.name} does not match its training dataset {settings.name}: "
             + "; ".join(problems),
         )
+    from ctan.leakage import check_external_apart
+
+    check_external_apart(training, external, data.preprocessed_dir, (data.name, settings.name))
 
 
 def check_external_intensity(settings, data) -> None:

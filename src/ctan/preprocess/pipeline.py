@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ctan.config import DatasetSettings, params_hash
 from ctan.datasets.base import SPLITS, Case, CaseRef
 from ctan.errors import CtanError
+from ctan.leakage import check_splits_apart
 from ctan.manifest import MANIFEST, build_manifest, case_entry, write_manifest
 from ctan.preprocess.plan import build_plan, fingerprint, write_plan
 from ctan.preprocess.resample import resample_case
@@ -287,6 +288,7 @@ def preprocess_dataset(
                     labels.setdefault(split, []).append(dict(case.labels))
                     entries.append(case_entry(ref.case_id, split, source_hashes(case, raw_dir), hashes))
                     bar.update()
+        notes = check_splits_apart(entries, raw_dir)
         manifest = build_manifest(
             dataset=settings.name,
             format=settings.format,
@@ -323,7 +325,7 @@ def preprocess_dataset(
         shutil.rmtree(work, ignore_errors=True)
     counts = ", ".join(f"{len(r)} {s}" for s, r in by_split.items())
     print(f"{out}: {total} cases ({counts}) in {time.perf_counter() - started:.1f} s")
-    for note in absent_classes(labels, [reader.TASKS[t] for t in settings.tasks]):
+    for note in [*notes, *absent_classes(labels, [reader.TASKS[t] for t in settings.tasks])]:
         print(f"note: {note}")
     return out
 
