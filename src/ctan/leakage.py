@@ -40,7 +40,8 @@ def check_splits_apart(cases: Iterable[Mapping[str, Any]], raw_dir: Path) -> lis
             raise CtanError(
                 raw_dir / holders[-1][2],
                 f"cases {named} hold the same image (SHA-256 {image[:12]}...): one case in two splits "
-                "leaks the test set into training; remove all but one of them from the source",
+                "leaks the test set into training; remove all but one of them from the source, or put "
+                "them in one split (a split.csv, where the format takes one)",
             )
         notes.append(f"cases {named} hold the same image: counted {len(holders)} times in their split")
     return notes
