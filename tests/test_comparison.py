@@ -193,6 +193,32 @@ def test_the_markdown_names_every_architecture_and_the_paper(run):
     json.dumps(report)  # everything in the report is plain JSON
 
 
+def test_tied_architectures_are_all_bold_and_a_full_tie_is_bold_for_none(run):
+    """STOIC/HAM10000 after a short run: every model at balanced accuracy 1/7 printed `**0.143** | 0.143
+    | 0.143`, STL alone in bold for a tie (the first in table order won)."""
+    archs = ("stl", "same", "better")
+    entry = {
+        "data_hash": "abc.dir",
+        "test_cases": len(CASES),
+        "seeds": [0],
+        "metrics": {
+            a: {
+                "lesion": {"dice": {"mean": m, "std": 0.0, "higher_is_better": True}},
+                "covid": {"auc": {"mean": 0.5, "std": 0.0, "higher_is_better": True}},
+            }
+            for a, m in zip(archs, (0.6, 0.7, 0.7), strict=True)
+        },
+        "delta_mtl": {a: paired_bootstrap_delta(run, a, [0], resamples=20) for a in archs[1:]},
+        "cost": {},
+        "provenance": {},
+    }
+    for delta in entry["delta_mtl"].values():
+        delta.pop("draws")
+    text = render_markdown({"datasets": {"toy": entry}, "paper_delta_mtl": {}, "mean_delta_mtl": {}})
+    assert "| lesion | dice ↑ | 0.6 | **0.7** | **0.7** |" in text
+    assert "| covid | auc ↑ | 0.5 | 0.5 | 0.5 |" in text
+
+
 def test_a_table_rule_has_its_headers_width():
     assert _table_head("architecture", "Δ_MTL (%) here", "paper") == [
         "| architecture | Δ_MTL (%) here | paper |",

@@ -189,6 +189,23 @@ def test_metric_table_means_over_seeds_and_marks_the_best(tmp_path: Path) -> Non
     assert "<td>dose_score ↓</td><td>3 ± 0</td><td>3.1 ± 0</td><td><b>2.8 ± 0</b></td>" in html
 
 
+def test_metric_table_bolds_every_tied_best_and_none_in_a_full_tie() -> None:
+    """After a short run every model had balanced accuracy 1/7: STL alone was bold, as if it had won."""
+    import pandas as pd
+
+    from ctan.plots import metric_table_html
+
+    rows = [
+        {"row_type": "metric", "dataset": "d", "architecture": a, "seed": 0, "task": t, "metric": m,
+         "value": v, "higher_is_better": True}
+        for a, dice in (("stl", 0.6), ("hps", 0.7), ("ctan", 0.7))
+        for t, m, v in (("lesion", "dice", dice), ("diagnosis", "balanced_accuracy", 1 / 7))
+    ]  # fmt: skip
+    html = metric_table_html(pd.DataFrame(rows))
+    assert "<td>dice ↑</td><td>0.6</td><td><b>0.7</b></td><td><b>0.7</b></td>" in html
+    assert "<td>balanced_accuracy ↑</td><td>0.1429</td><td>0.1429</td><td>0.1429</td>" in html
+
+
 def test_summary_figures_reject_other_csv(tmp_path: Path) -> None:
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")

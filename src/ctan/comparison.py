@@ -456,6 +456,17 @@ def machines_of(docs: Iterable[Mapping[str, Any]]) -> dict[str, list[str]]:
     return {k: sorted(set(v)) for k, v in out.items() if v}
 
 
+def best_of(means: dict[str, float], higher_is_better: bool) -> set[str]:
+    """The architectures to print in bold: every one tied for the best finite mean (not just the first
+    of them in table order), and none where all of them tie (nothing stands out). Also the HTML table's."""
+    finite = {a: v for a, v in means.items() if math.isfinite(v)}
+    if not finite:
+        return set()
+    top = (max if higher_is_better else min)(finite.values())
+    best = {a for a, v in finite.items() if math.isclose(v, top, rel_tol=1e-12, abs_tol=0.0)}
+    return set() if len(best) == len(means) > 1 else best
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "<!-- written by `ctan compare`; numbers recomputed from results/*/metrics.json -->",
@@ -493,13 +504,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     " *" if metric in primary.get(task, ()) else ""
                 )
                 means = {a: entry["metrics"][a][task][metric]["mean"] for a in archs}
-                finite = {a: v for a, v in means.items() if math.isfinite(v)}
-                best = (max if cell["higher_is_better"] else min)(finite, key=finite.get) if finite else None
+                best = best_of(means, cell["higher_is_better"])
                 cells = []
                 for a in archs:
                     c = entry["metrics"][a][task][metric]
                     text = _pm(c["mean"], c["std"])
-                    cells.append(f"**{text}**" if a == best else text)
+                    cells.append(f"**{text}**" if a in best else text)
                 lines.append(f"| {task} | {metric} {arrow} | " + " | ".join(cells) + " |")
         lines += [
             "",

@@ -603,7 +603,9 @@ def plot_summary(summary_csv: Path, figure: Path, table_out: Path) -> tuple[Path
 
 def metric_table_html(table, summary_csv: Path | None = None) -> str:
     """HTML table: rows dataset / task / metric, columns architecture, cells mean ± std over seeds; the
-    best architecture per row in bold."""
+    best architecture per row in bold (every one tied for it; none where all tie)."""
+    from ctan.comparison import best_of
+
     rows = table[table["row_type"] == "metric"]
     if rows.empty:
         raise CtanError(summary_csv, "no per-task metric rows")
@@ -619,8 +621,7 @@ def metric_table_html(table, summary_csv: Path | None = None) -> str:
             for a in archs
             if (dataset, task, metric, a) in stats.index
         }
-        means = {a: c["mean"] for a, c in cells.items() if math.isfinite(c["mean"])}
-        best = (max if hib else min)(means, key=means.get) if means else None
+        best = best_of({a: float(c["mean"]) for a, c in cells.items()}, hib)
         tds = []
         for arch in archs:
             if arch not in cells:
@@ -630,7 +631,7 @@ def metric_table_html(table, summary_csv: Path | None = None) -> str:
             text = f"{c['mean']:.4g}" + (
                 f" ± {c['std']:.2g}" if c["count"] > 1 and math.isfinite(c["std"]) else ""
             )
-            tds.append(f"<td><b>{text}</b></td>" if arch == best else f"<td>{text}</td>")
+            tds.append(f"<td><b>{text}</b></td>" if arch in best else f"<td>{text}</td>")
         arrow = "↑" if hib else "↓"
         head = "".join(f"<td>{html.escape(str(v))}</td>" for v in (dataset, task, f"{metric} {arrow}"))
         body.append(f"<tr>{head}{''.join(tds)}</tr>")
