@@ -46,12 +46,13 @@ def needs_tuning(settings: DatasetSettings) -> bool:
 
 
 def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) -> dict[str, Any]:
-    """The training values a job must use: the tuning choice where the grid has several points.
+    """The training values a job must use: the tuning choice where the grid has several points, and
+    the grid's one value where it has one (used as given, as the schema says and provenance records).
 
     CtanError, naming choice.json and the `ctan tune` command to run, where the choice is missing,
     damaged, or was made for other settings or data than the current ones."""
     if not needs_tuning(settings):
-        return {}
+        return {k: values[0] for k, values in grid(settings).items()}
     path = choice_path(settings, arch, task)
     how = _tune_command(settings, arch, task)
     if not path.is_file():
