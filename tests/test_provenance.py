@@ -62,3 +62,9 @@ def test_machine_names_cpu_torch_threads_and_device():
     assert m["cpu"] and m["cores"] >= 1
     text = machine_text({"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0+cpu", "threads": 1, "device": "cpu"})
     assert text == "AMD EPYC (2 cores), torch 2.13.0+cpu, 1 thread, cpu"
+
+
+def test_code_version_is_the_codes_checkout_wherever_ctan_runs(tmp_path, monkeypatch):
+    """A run in a workspace outside the checkout recorded "unknown (dirty)" in every metrics.json."""
+    monkeypatch.chdir(tmp_path)
+    assert code_version() == code_version(REPO_ROOT)

@@ -11,8 +11,11 @@ from typing import Any
 
 
 def code_version(repo: Path | None = None) -> tuple[str, bool]:
-    """(git commit, dirty flag) of the working tree; ("unknown", True) outside git."""
-    cwd = str(repo or Path.cwd())
+    """(git commit, dirty flag) of the checkout the running ctan code comes from (``repo``: another
+    one); ("unknown", True) where that is no git checkout (an installed copy). Not the working
+    directory's: a run made in a workspace of its own, or inside another project's repository, would
+    record that folder's commit (or none) for code it does not hold."""
+    cwd = str(repo or Path(__file__).resolve().parent)
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
