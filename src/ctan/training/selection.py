@@ -37,17 +37,10 @@ def selection_metric(task: Task) -> tuple[str, bool]:
     return ("auc", True) if task.out_channels == 1 else ("balanced_accuracy", True)
 
 
-def classification_metrics(
-    task: Task, logits: np.ndarray, labels: np.ndarray, covid: np.ndarray | None = None
-) -> dict[str, float]:
-    """Epoch-level validation metrics of an image-level task (a per-batch mean would be meaningless).
-    Severity with the cases' ``covid`` labels is scored among COVID-positive cases, as the test
-    metric (``auc_covid_positive``, STOIC's) is: the epoch is selected by what is reported."""
+def classification_metrics(task: Task, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Epoch-level validation metrics of an image-level task (a per-batch mean would be meaningless)."""
     from ctan.metrics.classification import mean_recall, rank_auc
 
-    if task.target == "severity" and covid is not None:
-        positive = covid.reshape(-1) == 1
-        logits, labels = logits[positive], labels[positive]
     labels = labels.astype(int)
     if task.out_channels == 1:
         score = logits.reshape(-1)
