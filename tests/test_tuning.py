@@ -76,11 +76,13 @@ def test_training_refuses_to_guess_without_the_tuning_choice(tmp_path):
     with pytest.raises(CtanError, match="ctan tune --dataset ham10000_demo --arch ctan"):
         tuned_values(settings, "ctan")
     single = dataset_settings(_params(tmp_path, [0.002]), "ham10000_demo")
-    # One point: used as given, nothing to tune (it was ignored for training.lr, yet recorded as used).
-    assert tuned_values(single, "ctan") == {"lr": 0.002} != {"lr": single.training["lr"]}
+    # One point: nothing to tune; training uses training.lr (and that is what is recorded).
+    assert tuned_values(single, "ctan") == {"lr": single.training["lr"]} != {"lr": 0.002}
 
 
-def test_a_single_tuning_value_is_what_training_uses_and_records(prepared):
+def test_what_training_uses_is_what_provenance_records_when_nothing_is_tuned(prepared):
+    """A one-value tuning.lr differing from training.lr was recorded as the value used while training
+    used training.lr."""
     from ctan.evaluation import _tuning_record
     from ctan.training.trainer import train
 
@@ -88,9 +90,9 @@ def test_a_single_tuning_value_is_what_training_uses_and_records(prepared):
     settings = dataset_settings(params, "ham10000_demo")
     assert settings.training["lr"] != 0.002
     (model,) = train(params, "ham10000_demo", "hps", 1)
-    history = json.loads((model / "history.json").read_text())
-    assert history["epochs"][0]["lr"] == pytest.approx(0.002)
-    assert _tuning_record(settings, "hps") == {"tuned": False, "values": {"lr": 0.002}}
+    used = json.loads((model / "history.json").read_text())["epochs"][0]["lr"]
+    assert used == pytest.approx(settings.training["lr"])
+    assert _tuning_record(settings, "hps") == {"tuned": False, "values": {"lr": used}}
 
 
 # choice.json records what it depends on; `ctan train` refuses a stale or damaged one in one line.

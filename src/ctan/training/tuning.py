@@ -37,8 +37,13 @@ KEYS = ("lr",)  # training keys a grid may hold
 
 
 def grid(settings: DatasetSettings) -> dict[str, list[Any]]:
-    """``{training key: values}`` of the grid; keys with one value are not tuned."""
-    return {k: list(settings.tuning.get(k) or [settings.training[k]]) for k in KEYS}
+    """``{training key: values}`` of the grid. A key with fewer than two values is not tuned: training
+    uses its ``training:`` value, so that is the grid's one value (and what provenance records)."""
+    out = {}
+    for k in KEYS:
+        values = list(settings.tuning.get(k) or [])
+        out[k] = values if len(values) > 1 else [settings.training[k]]
+    return out
 
 
 def needs_tuning(settings: DatasetSettings) -> bool:
@@ -46,8 +51,8 @@ def needs_tuning(settings: DatasetSettings) -> bool:
 
 
 def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) -> dict[str, Any]:
-    """The training values a job must use: the tuning choice where the grid has several points, and
-    the grid's one value where it has one (used as given, as the schema says and provenance records).
+    """The training values a job must use: the tuning choice where the grid has several points, else
+    the ``training:`` values (the grid's one point).
 
     CtanError, naming choice.json and the `ctan tune` command to run, where the choice is missing,
     damaged, or was made for other settings or data than the current ones."""
