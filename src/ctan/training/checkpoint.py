@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,26 +105,6 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
-# What `TrainingState.save` writes: a file without all of them is not a training checkpoint.
-CHECKPOINT_KEYS = frozenset(
-    {
-        "config_hash",
-        "code_hash",
-        "epoch",
-        "model",
-        "weighting",
-        "weighting_extra",
-        "optimizer",
-        "scheduler",
-        "history",
-        "best_epoch",
-        "best_score",
-        "best_model",
-        "run_id",
-    }
-)
-
-
 def why_not_resume(state: dict[str, Any], config_hash: str, code: str, epochs: int) -> str | None:
     """None if ``state`` may resume this run; else the reason to start over."""
     missing = sorted(CHECKPOINT_KEYS - set(state))
@@ -170,25 +150,26 @@ class TrainingState:
             self.best_epoch, self.best_score = record["epoch"], record["selection_score"]
             self.best_model = copy.deepcopy(self.model.state_dict())
 
+    def contents(self, config_hash: str, code: str) -> dict[str, Any]:
+        """What `save` writes and `_load` reads back: the fields, and what identifies the run."""
+        return {
+            "config_hash": config_hash,
+            "code_hash": code,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "weighting_extra": json.dumps(self.weighting.extra_state()),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": json.dumps(self.history),
+            "best_epoch": self.best_epoch,
+            "best_score": self.best_score,
+            "best_model": self.best_model,
+            "run_id": self.run_id,
+        }
+
     def save(self, path: Path, config_hash: str, code: str) -> None:
-        save_atomic(
-            {
-                "config_hash": config_hash,
-                "code_hash": code,
-                "epoch": self.epoch,
-                "model": self.model.state_dict(),
-                "weighting": self.weighting.state_dict(),
-                "weighting_extra": json.dumps(self.weighting.extra_state()),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "history": json.dumps(self.history),
-                "best_epoch": self.best_epoch,
-                "best_score": self.best_score,
-                "best_model": self.best_model,
-                "run_id": self.run_id,
-            },
-            path,
-        )
+        save_atomic(self.contents(config_hash, code), path)
 
     def resume(self, path: Path, config_hash: str, code: str, epochs: int) -> str:
         """Load ``path`` into this state where `why_not_resume` allows it; says what happened."""
@@ -200,11 +181,11 @@ class TrainingState:
         except Exception as err:  # unreadable, or written by other code: nothing to resume from
             refusal = f"unreadable ({type(err).__name__})"
         if refusal is None:
-            fresh = self._snapshot()
+            fresh = copy.deepcopy(self.contents("", ""))  # put back if loading fails halfway
             try:
                 self._load(saved)
             except Exception as err:  # hashes match but the contents do not fit this run
-                self._restore(fresh)
+                self._load(fresh)
                 refusal = f"inconsistent ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         if refusal is not None:
             return f"{path}: {refusal}; starting afresh"
@@ -232,23 +213,12 @@ class TrainingState:
         self.best_model = saved["best_model"]
         self.run_id = saved.get("run_id") or None
 
-    def _snapshot(self) -> dict[str, Any]:
-        """The fresh state's parts, to put back if a checkpoint fails halfway through loading."""
-        return copy.deepcopy(
-            {
-                "model": self.model.state_dict(),
-                "weighting": self.weighting.state_dict(),
-                "weighting_extra": self.weighting.extra_state(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-            }
-        )
 
-    def _restore(self, fresh: dict[str, Any]) -> None:
-        self.model.load_state_dict(fresh["model"])
-        self.weighting.load_state_dict(fresh["weighting"])
-        self.weighting.load_extra_state(fresh["weighting_extra"])
-        self.optimizer.load_state_dict(fresh["optimizer"])
-        self.scheduler.load_state_dict(fresh["scheduler"])
-        self.history, self.best_epoch, self.best_score = [], 0, -math.inf
-        self.best_model, self.run_id = None, None
+# What `TrainingState.save` writes (its fields, and what identifies the run): a file without all of them
+# is not a training checkpoint.
+CHECKPOINT_KEYS = frozenset(f.name for f in fields(TrainingState)) | {
+    "config_hash",
+    "code_hash",
+    "epoch",
+    "weighting_extra",
+}
