@@ -453,3 +453,28 @@ def test_batched_2d_items_equal_items_one_by_one(rgb_store, ct_store, augment):
         for n, got in enumerate(loader):  # the DataLoader takes the batched path
             want = [ds[k] for k in order[3 * n : 3 * n + 3]]
             assert torch.equal(got["image"], torch.stack([w["image"] for w in want]))
+
+
+def test_severity_items_carry_the_covid_label_it_is_scored_among(tmp_path):
+    """STOIC's severity AUC is among COVID-positive cases: an STL severity network's validation needs
+    the COVID labels it does not train on."""
+    from ctan.tasks import Task
+
+    cases = [
+        Case(
+            case_id=f"p{i}",
+            split="train",
+            image=np.full((1, 4, 4, 4), -500.0, np.float32),
+            spacing=(1.0, 1.0, 1.0),
+            labels={"covid": i % 2, "severity": int(i == 3)},
+        )
+        for i in range(4)
+    ]
+    store = _store(tmp_path, cases, 3, {"ct_window": WINDOW})
+    severity = Task("severity", "classification", "severity", classes=2)
+    covid = Task("covid", "classification", "covid", classes=2)
+    items = CaseDataset(store, "train", [severity])
+    assert [int(items[i]["covid"]) for i in range(4)] == [0, 1, 0, 1]
+    both = CaseDataset(store, "train", [covid, severity])
+    assert [int(both[i]["covid"]) for i in range(4)] == [0, 1, 0, 1]  # the covid task's own label
+    assert [int(CaseDataset(store, "train", [covid])[i]["covid"]) for i in range(4)] == [0, 1, 0, 1]

@@ -372,3 +372,36 @@ def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
         params = load_params([Path("params.yaml"), Path("o.yaml")])
         with pytest.raises(CtanError, match="cases of one batch differ in size .*batch_size 1"):
             train(params, name, "ctan", 1)
+
+
+def test_stl_severity_is_selected_among_covid_positive_validation_cases(tmp_path):
+    """A validation split with enough COVID-positive cases of each severity: the STL severity network
+    (which does not train covid) is scored, and its epoch kept, by the AUC among COVID-positive cases,
+    the metric the test split reports."""
+    from conftest import run_folder
+    from ctan.fetch import download_dataset
+    from ctan.preprocess.pipeline import preprocess_dataset
+    from ctan.tasks import Task
+    from ctan.tracking import init_tracking
+    from ctan.training.selection import selection_metric_name
+
+    name = "stoic_demo"
+    override = {
+        "run": {"datasets": [name], "architectures": ["stl"], "seeds": [0]},
+        "mlflow": {"tracking_uri": "mlruns", "experiment": "severity"},
+        "training": {"epochs": 1, "batch_size": 4, "cache_mb": 0},
+        "datasets": {name: {"demo": {"train": 4, "validation": 40, "test": 2, "seed": 5}}},
+    }
+    with run_folder(tmp_path / "run"):
+        Path("o.yaml").write_text(yaml.safe_dump(override))
+        params = load_params([Path("params.yaml"), Path("o.yaml")])
+        settings = dataset_settings(params, name)
+        download_dataset(settings)
+        preprocess_dataset(settings)
+        init_tracking(params)
+        [folder] = train(params, name, "stl", 0, task="severity")
+        history = json.loads((folder / "history.json").read_text())
+        metrics = history["epochs"][0]["val_metrics"]["severity"]
+        assert 0.0 <= metrics["auc_covid_positive"] <= 1.0
+        severity = Task("severity", "classification", "severity", classes=2)
+        assert selection_metric_name(severity, metrics) == "auc_covid_positive"

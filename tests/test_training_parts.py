@@ -101,3 +101,48 @@ def test_malloc_keeps_freed_memory_on_glibc():
         assert kept
     else:
         assert kept is False
+
+
+def test_severity_is_selected_among_covid_positive_cases():
+    """As the test metric (auc_covid_positive): a severity score that ranks well only across COVID
+    status must not look good on validation, once there are enough COVID-positive cases to rank."""
+    import numpy as np
+
+    from ctan.training.selection import (
+        MIN_SEVERITY_CASES,
+        classification_metrics,
+        selection_metric_name,
+        selection_score,
+    )
+
+    n = MIN_SEVERITY_CASES
+    severity = Task("severity", "classification", "severity", classes=2)
+    covid = np.array([0] * 4 * n + [1] * 2 * n)
+    labels = np.array([0] * 4 * n + [0] * n + [1] * n)
+    # Negatives far below, and among COVID-positive cases the severe ones ranked *below* the others.
+    logits = np.concatenate([np.full(4 * n, -5.0), np.linspace(2.0, 3.0, n), np.linspace(0.5, 1.5, n)])
+    metrics = classification_metrics(severity, logits, labels, covid)
+    assert metrics["auc"] > 0.5  # over all cases: negatives rank lowest
+    assert metrics["auc_covid_positive"] == 0.0
+    assert selection_metric_name(severity, metrics) == "auc_covid_positive"
+    assert classification_metrics(COVID, logits, covid, covid).keys() == {"auc", "balanced_accuracy"}
+    better = classification_metrics(severity, -logits, labels, covid)  # right order among positives
+    assert selection_score([severity], {"severity": better}, {"severity": metrics}) == 1.0
+    assert selection_score([severity], {"severity": metrics}, {"severity": better}) < 0
+
+
+def test_severity_falls_back_to_all_cases_on_few_covid_positive_cases():
+    """One severe case fewer than MIN_SEVERITY_CASES: the AUC over all cases selects (the demo's case)."""
+    import numpy as np
+
+    from ctan.training.selection import MIN_SEVERITY_CASES, classification_metrics, selection_metric_name
+
+    n = MIN_SEVERITY_CASES
+    severity = Task("severity", "classification", "severity", classes=2)
+    covid = np.array([0] * 4 + [1] * (2 * n - 1))
+    labels = np.array([0] * 4 + [0] * n + [1] * (n - 1))
+    logits = np.arange(len(labels), dtype=float)
+    metrics = classification_metrics(severity, logits, labels, covid)
+    assert "auc_covid_positive" not in metrics
+    assert selection_metric_name(severity, metrics) == "auc"
+    assert classification_metrics(severity, logits, labels).keys() == {"auc", "balanced_accuracy"}

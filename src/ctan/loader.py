@@ -408,7 +408,15 @@ class CaseDataset(Dataset):
                 item["structure_present"] = torch.from_numpy(np.ascontiguousarray(present))
         if self._with_dose_mask:
             item["possible_dose_mask"] = torch.from_numpy(dense("possible_dose_mask"))
+        self._add_covid(item, attrs)
         return item
+
+    def _add_covid(self, item: dict[str, Any], attrs: dict[str, Any]) -> None:
+        """Severity is scored among COVID-positive cases (STOIC's AUC), so its items carry the COVID
+        label even where the covid task is not trained (an STL severity network)."""
+        labels = attrs.get("labels", {})
+        if "covid" not in item and "covid" in labels and any(t.target == "severity" for t in self.tasks):
+            item["covid"] = torch.tensor(int(labels["covid"]), dtype=torch.int64)
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict[str, Any]]:
         """The items of ``keys``, as `__getitem__` gives them one by one (the DataLoader asks for a
@@ -448,6 +456,7 @@ class CaseDataset(Dataset):
                     item[task.name] = dense_t[task.target][i]
                 else:
                     item[task.name] = torch.tensor(int(labels[task.target]), dtype=torch.int64)
+            self._add_covid(item, self._case_attrs(case_id))
             items.append(item)
         return items
 

@@ -132,7 +132,7 @@ def run_epoch(
     model.train(training)
     sums: dict[str, float] = {t.name: 0.0 for t in tasks}
     metric_sums: dict[str, dict[str, float]] = {t.name: {} for t in tasks}
-    image_level: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {t.name: [] for t in tasks if not t.dense}
+    image_level: dict[str, list[tuple[np.ndarray, ...]]] = {t.name: [] for t in tasks if not t.dense}
     n_batches, wait, start = 0, 0.0, time.perf_counter()
     batches = prefetched(loader)  # the next batches are built while the model trains on this one
     bar = tqdm(batches, total=len(loader), desc=desc, leave=False, disable=None)
@@ -175,6 +175,7 @@ def run_epoch(
                 if t.name in image_level and not training:
                     image_level[t.name].append(
                         (outputs[t.name].detach().float().cpu().numpy(), batch[t.name].cpu().numpy())
+                        + ((batch["covid"].cpu().numpy(),) if "covid" in batch else ())
                     )
             n_batches += 1
             bar.set_postfix({t: f"{sums[t] / n_batches:.3f}" for t in sums})
@@ -188,9 +189,11 @@ def run_epoch(
     metrics_mean = {t: {k: v / n_batches for k, v in m.items()} for t, m in metric_sums.items()}
     for t in tasks:
         if image_level.get(t.name):  # AUC / balanced accuracy need the whole split, not batch means
-            logits = np.concatenate([o for o, _ in image_level[t.name]])
-            labels = np.concatenate([y.reshape(-1) for _, y in image_level[t.name]])
-            metrics_mean[t.name].update(classification_metrics(t, logits, labels))
+            parts = list(zip(*image_level[t.name], strict=True))
+            logits = np.concatenate(parts[0])
+            labels = np.concatenate([y.reshape(-1) for y in parts[1]])
+            covid = np.concatenate([c.reshape(-1) for c in parts[2]]) if len(parts) > 2 else None
+            metrics_mean[t.name].update(classification_metrics(t, logits, labels, covid))
     return {
         "loss": losses_mean,
         "metrics": metrics_mean,

@@ -31,7 +31,7 @@ import numpy as np
 from ctan.config import DatasetSettings, dataset_settings, params_hash
 from ctan.errors import CtanError
 from ctan.layout import check_task_option, choice_path, per_task
-from ctan.training.selection import gap_closed, selection_metric
+from ctan.training.selection import gap_closed, selection_metric, selection_metric_name
 
 KEYS = ("lr",)  # training keys a grid may hold
 
@@ -269,7 +269,9 @@ def tune(
     for c in trained:
         shares = []
         for t in tasks:
-            name, higher = selection_metric(t)
+            _, higher = selection_metric(t)
+            # Every grid point is scored on the same validation split: the same metric for all.
+            name = selection_metric_name(t, trained[0]["val_metrics"][t.name])
             values = [d["val_metrics"][t.name][name] for d in trained]
             worst = min(values) if higher else max(values)
             shares.append(gap_closed(c["val_metrics"][t.name][name], worst, higher))
