@@ -324,6 +324,19 @@ def test_evaluate_refuses_a_model_of_another_architecture(prepared):
     assert set(load_models(settings, "hps", 7, torch.device("cpu"))[0]) == set(settings.tasks)
 
 
+def _prepare_in_run_folder(name: str, override: dict) -> tuple[dict, object]:
+    """In the current run folder: write the override, download and preprocess ``name``; (params, settings)."""
+    from ctan.fetch import download_dataset
+    from ctan.preprocess.pipeline import preprocess_dataset
+
+    Path("o.yaml").write_text(yaml.safe_dump(override))
+    params = load_params([Path("params.yaml"), Path("o.yaml")])
+    settings = dataset_settings(params, name)
+    download_dataset(settings)
+    preprocess_dataset(settings)
+    return params, settings
+
+
 def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
     """preprocess.shape null: each case keeps its own size (none a multiple of 2**depth here). Patches
     train; whole volumes validate one at a time and are scored at their own size; batches of whole
@@ -331,8 +344,6 @@ def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
     from conftest import run_folder
     from ctan.errors import CtanError
     from ctan.evaluation import evaluate
-    from ctan.fetch import download_dataset
-    from ctan.preprocess.pipeline import preprocess_dataset
     from ctan.store import SplitStore
     from ctan.tracking import init_tracking
 
@@ -350,11 +361,7 @@ def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
         },
     }
     with run_folder(tmp_path / "run"):
-        Path("o.yaml").write_text(yaml.safe_dump(override))
-        params = load_params([Path("params.yaml"), Path("o.yaml")])
-        settings = dataset_settings(params, name)
-        download_dataset(settings)
-        preprocess_dataset(settings)
+        params, settings = _prepare_in_run_folder(name, override)
         store = SplitStore.open(settings.preprocessed_dir / "test.zarr")
         sizes = {tuple(store.array(c, "image").shape[1:]) for c in store.case_ids}
         assert any(n % 8 for size in sizes for n in size), sizes  # the padded path is taken
@@ -379,8 +386,6 @@ def test_stl_severity_is_selected_among_covid_positive_validation_cases(tmp_path
     (which does not train covid) is scored, and its epoch kept, by the AUC among COVID-positive cases,
     the metric the test split reports."""
     from conftest import run_folder
-    from ctan.fetch import download_dataset
-    from ctan.preprocess.pipeline import preprocess_dataset
     from ctan.tasks import Task
     from ctan.tracking import init_tracking
     from ctan.training.selection import selection_metric_name
@@ -393,11 +398,7 @@ def test_stl_severity_is_selected_among_covid_positive_validation_cases(tmp_path
         "datasets": {name: {"demo": {"train": 4, "validation": 40, "test": 2, "seed": 5}}},
     }
     with run_folder(tmp_path / "run"):
-        Path("o.yaml").write_text(yaml.safe_dump(override))
-        params = load_params([Path("params.yaml"), Path("o.yaml")])
-        settings = dataset_settings(params, name)
-        download_dataset(settings)
-        preprocess_dataset(settings)
+        params, _ = _prepare_in_run_folder(name, override)
         init_tracking(params)
         [folder] = train(params, name, "stl", 0, task="severity")
         history = json.loads((folder / "history.json").read_text())
