@@ -365,6 +365,8 @@ def test_cases_on_their_native_grid_train_and_evaluate(tmp_path):
         store = SplitStore.open(settings.preprocessed_dir / "test.zarr")
         sizes = {tuple(store.array(c, "image").shape[1:]) for c in store.case_ids}
         assert any(n % 8 for size in sizes for n in size), sizes  # the padded path is taken
+        # Larger than the 8-voxel training patches: validation and test predict by sliding windows.
+        assert all(any(n > 8 for n in size) for size in sizes), sizes
         init_tracking(params)
         train(params, name, "ctan", 0)
         evaluate(params, name, "ctan", 0)

@@ -153,15 +153,21 @@ def check_finite(
 
 @torch.no_grad()
 def predict(
-    models: dict[str, torch.nn.Module], tasks: list[Task], image: torch.Tensor
+    models: dict[str, torch.nn.Module],
+    tasks: list[Task],
+    image: torch.Tensor,
+    patch_size: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Probabilities for segmentation/classification, Gy for dose; one forward per distinct model."""
+    """Probabilities for segmentation/classification, Gy for dose; one prediction per distinct model,
+    by sliding windows of the training ``patch_size`` where the volume is larger (`ctan.inference`)."""
+    from ctan.inference import predict_volume
+
     outputs: dict[str, torch.Tensor] = {}
     cache: dict[int, dict[str, torch.Tensor]] = {}
     for t in tasks:
         model = models[t.name]
         if id(model) not in cache:
-            cache[id(model)] = model(image[None])
+            cache[id(model)] = predict_volume(model, image[None], patch_size)
         outputs[t.name] = cache[id(model)][t.name][0].float()
     preds = {}
     for t in tasks:
@@ -256,13 +262,15 @@ def _evaluate_into(
     per_case: dict[str, dict[str, dict[str, float]]] = {t.name: {} for t in tasks}
     image_level: dict[str, list] = {t.name: [] for t in tasks if not t.dense}
     labels: dict[str, list[int]] = {"covid": []}
+    # The models were trained with these settings (`check_trained_on`): on patches of this size, if any.
+    patch = settings.training.get("patch_size") if manifest.get("spatial_dims") == 3 else None
     for i in tqdm(
         range(len(test_set)), desc=f"evaluate {dataset}/{arch}/seed{seed} on {data.name}", disable=None
     ):
         item = test_set[i]
         case_id = item["case_id"]
         attrs = store.case_attrs(case_id)
-        preds = predict(models, tasks, item["image"].to(dev))
+        preds = predict(models, tasks, item["image"].to(dev), patch)
         check_finite(preds, paths, arch, case_id)
         dense_out = {}
         for t in tasks:
@@ -591,7 +599,10 @@ def _dose_results(task, settings, manifest, store, pred_dir, per_case, details) 
             dose_metrics.write_dose_csv(csv_dir / f"{case_id}.csv", source * mask, axes="challenge")
         scored = dose_metrics.score_directories(reference, csv_dir)
         for case_id, row in scored["patients"].items():
-            per_case.setdefault(case_id, {}).update({k: float(v) for k, v in row.items()})
+            # A patient without a contoured ROI has no DVH score (None): NaN, as metrics.json has it.
+            per_case.setdefault(case_id, {}).update(
+                {k: float("nan") if v is None else float(v) for k, v in row.items()}
+            )
         details["openkbp_challenge"] = {"dose_score": scored["dose_score"], "dvh_score": scored["dvh_score"]}
         return {"dose_score": float(scored["dose_score"]), "dvh_score": float(scored["dvh_score"])}
     # Bring-your-own cases: DVH on the preprocessed grid, targets recognised by name.

@@ -103,8 +103,8 @@ def one_of(names: list[str]) -> str:
 STAGE_CODE = {
     "download": ["fetch.py", "datasets"],
     "preprocess": ["preprocess", "store.py", "manifest.py", "datasets"],
-    "train": ["training", "models", "loader.py", "preprocess/intensity.py", "tasks.py"],
-    "evaluate": ["evaluation.py", "metrics"],
+    "train": ["training", "models", "loader.py", "preprocess/intensity.py", "tasks.py", "inference.py"],
+    "evaluate": ["evaluation.py", "metrics", "inference.py"],
     "summary": ["summary.py", "comparison.py", "metrics", "provenance.py", "plots.py"],
 }
 PACKAGE = Path(workflow.basedir) / "src" / "ctan"

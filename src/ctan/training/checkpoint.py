@@ -90,7 +90,14 @@ def verify(path: Path) -> str:
 
 # The package's code whose change changes a trained model: the "train" entry of STAGE_CODE in
 # workflow/rules/common.smk (editing these files reruns `train` there, and must not resume here).
-TRAINING_CODE: tuple[str, ...] = ("training", "models", "loader.py", "preprocess/intensity.py", "tasks.py")
+TRAINING_CODE: tuple[str, ...] = (
+    "training",
+    "models",
+    "loader.py",
+    "preprocess/intensity.py",
+    "tasks.py",
+    "inference.py",
+)
 
 
 def code_hash() -> str:

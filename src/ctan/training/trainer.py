@@ -123,11 +123,15 @@ def run_epoch(
     precision: str = "auto",
     layout: torch.memory_format = torch.contiguous_format,
     epoch: int = 0,
+    patch_size: list[int] | None = None,
 ) -> dict[str, Any]:
     """One pass over a loader; trains when an optimizer is given. Returns mean losses and metrics.
     ``precision`` chooses autocast (`_autocast`), ``layout`` the memory format of the images.
-    A non-finite training loss raises `NonFiniteLoss` (naming ``epoch`` and the step) before
-    the step is taken."""
+    Without an optimizer, volumes larger than the training ``patch_size`` are predicted by sliding
+    windows, as `ctan evaluate` predicts them (`ctan.inference`). A non-finite training loss raises
+    `NonFiniteLoss` (naming ``epoch`` and the step) before the step is taken."""
+    from ctan.inference import predict_volume
+
     training = optimizer is not None
     model.train(training)
     sums: dict[str, float] = {t.name: 0.0 for t in tasks}
@@ -148,7 +152,9 @@ def run_epoch(
             batch = to_device(batch, device)
             batch["image"] = batch["image"].contiguous(memory_format=layout)
             with torch.set_grad_enabled(training), _autocast(device, precision):
-                outputs = model(batch["image"])
+                outputs = (
+                    model(batch["image"]) if training else predict_volume(model, batch["image"], patch_size)
+                )
                 losses = {t.name: task_loss(t, outputs[t.name].float(), batch) for t in tasks}
             if training:
                 total = weighting(losses)
@@ -468,7 +474,10 @@ def train_one_epoch(
     if not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
         raise NonFiniteLoss(None, epoch, None, "the weights became non-finite after the last step")
     weighting.end_epoch({t.name: tr["loss"][t.name] for t in tasks})
-    va = run_epoch(model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout)
+    patch = getattr(train_loader.dataset, "patch_size", None)  # what the network was trained on
+    va = run_epoch(
+        model, weighting, tasks, val_loader, dev, None, f"epoch {epoch} val", precision, layout, epoch, patch
+    )
     state.scheduler.step()
     first = state.history[0]["val_metrics"] if state.history else va["metrics"]
     return {
