@@ -154,6 +154,13 @@ def test_mismatched_test_cases_are_refused(run):
         paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=10)
 
 
+def test_a_case_missing_in_one_architecture_is_named(run):
+    for task in ("lesion", "covid"):
+        run["better", 1]["per_case"][task].pop(CASES[3])
+    with pytest.raises(CtanError, match=f"better seed 1 .*lacks {CASES[3]}; has in addition none"):
+        paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=10)
+
+
 def test_the_markdown_names_every_architecture_and_the_paper(run):
     delta = paired_bootstrap_delta(run, "better", [0, 1, 2], resamples=50)
     delta.pop("draws")  # resamples for paired differences; `compare` drops them before writing JSON

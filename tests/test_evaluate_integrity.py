@@ -304,3 +304,44 @@ def test_evaluate_replaces_the_results_as_a_whole(run):
     assert path == _results(HAM, "hps") / "metrics.json" and path.is_file()
     assert not stale.exists()
     assert [p.name for p in _results(HAM, "hps").parent.iterdir()] == ["seed0"]
+
+
+# --- predictions and references that cannot be scored together ------------------------------------
+
+
+def test_a_prediction_on_another_grid_names_the_model_and_case(run, capsys, monkeypatch):
+    """A dense output one voxel short of its reference: numpy's broadcast error, a traceback, before."""
+    from ctan import evaluation
+
+    real = evaluation.predict
+
+    def one_voxel_short(*args, **kwargs):
+        return {name: p[..., :-1] if p.ndim > 2 else p for name, p in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(evaluation, "predict", one_voxel_short)
+    before = _snapshot(_results(PROSTATE, "hps"))
+    code, err = _ctan(capsys, "evaluate", "--dataset", PROSTATE, "--arch", "hps", "--seed", "0")
+    line = _one_error_line(err)
+    assert code == 2 and str(Path("models") / PROSTATE / "hps" / "seed0" / "model.pt") in line
+    assert "predicts dose of shape (1, 24, 32, 31)" in line and "whose reference is (1, 24, 32, 32)" in line
+    _assert_kept(_results(PROSTATE, "hps"), before)
+
+
+def test_an_empty_possible_dose_mask_is_refused_not_left_out_of_the_dose_score(run, capsys, monkeypatch):
+    """Its dose score is 0/0: NaN, which the mean over cases then skipped, with exit status 0."""
+    from ctan.loader import CaseDataset
+
+    real = CaseDataset.__getitem__
+
+    def without_mask(self, index):
+        item = real(self, index)
+        if "possible_dose_mask" in item and index == 0:
+            item["possible_dose_mask"] = item["possible_dose_mask"] * 0
+        return item
+
+    monkeypatch.setattr(CaseDataset, "__getitem__", without_mask)
+    before = _snapshot(_results(PROSTATE, "hps"))
+    code, err = _ctan(capsys, "evaluate", "--dataset", PROSTATE, "--arch", "hps", "--seed", "0")
+    line = _one_error_line(err)
+    assert code == 2 and "test.zarr/" in line and "the possible-dose mask is empty" in line
+    _assert_kept(_results(PROSTATE, "hps"), before)

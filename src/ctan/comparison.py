@@ -17,8 +17,9 @@ What a reader of a MTL paper wants and a summary CSV does not give:
 Metrics are recomputed from the per-case values that `ctan evaluate` keeps in metrics.json, by the
 same aggregation it uses (`aggregate`); with every case once this reproduces metrics.json exactly,
 which a test checks. A resample on which a metric is undefined (an AUC whose resample holds one class)
-gives no Δ; the number of resamples with a Δ is reported. The bootstrap is written out rather than
-taken from `scipy.stats.bootstrap` because that one cannot drop such undefined resamples.
+gives no Δ; the number of resamples with a Δ is reported; a test set of one case gives no interval.
+The bootstrap is written out rather than taken from `scipy.stats.bootstrap` because that one cannot
+drop such undefined resamples.
 """
 
 from __future__ import annotations
@@ -156,8 +157,15 @@ def paired_bootstrap_delta(
     cases = scored_cases(docs["stl", seeds[0]])
     for seed in seeds:
         for key in (("stl", seed), (arch, seed)):
-            if scored_cases(docs[key]) != cases:
-                raise CtanError(None, f"{key[0]} seed {key[1]} was scored on other test cases than STL")
+            other = scored_cases(docs[key])
+            if other != cases:
+                lacks = ", ".join(sorted(set(cases) - set(other))[:3]) or "none"
+                extra = ", ".join(sorted(set(other) - set(cases))[:3]) or "none"
+                raise CtanError(
+                    None,
+                    f"{key[0]} seed {key[1]} was scored on other test cases than STL seed {seeds[0]} "
+                    f"(lacks {lacks}; has in addition {extra})",
+                )
     directions = docs[arch, seeds[0]]["higher_is_better"]
 
     rng = np.random.default_rng(rng_seed)
@@ -174,15 +182,20 @@ def paired_bootstrap_delta(
     # Undefined relative changes on resamples are expected (counted below), not news: one silence
     # for the whole loop rather than a logger round trip per Δ.
     with _quiet_metrics_log():
-        per_draw = np.array(
-            [
+        if n > 1:
+            per_draw = np.array(
                 [
-                    delta_mtl(m, s, directions, primary)
-                    for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
+                    [
+                        delta_mtl(m, s, directions, primary)
+                        for m, s in zip(resampled((arch, seed)), resampled(("stl", seed)), strict=True)
+                    ]
+                    for seed in seeds
                 ]
-                for seed in seeds
-            ]
-        )  # (seeds, resamples)
+            )  # (seeds, resamples)
+        else:
+            # One test case resampled is that case every time: a zero-width interval (and a detectable
+            # difference of 0) would claim a certainty that one case cannot give. No interval instead.
+            per_draw = np.full((len(seeds), resamples), math.nan)
         per_seed = [
             delta_mtl(docs[arch, s]["tasks"], docs["stl", s]["tasks"], directions, primary) for s in seeds
         ]
@@ -432,6 +445,10 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}g} ± {std:.2g}" if std else f"{mean:.{digits}g}"
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.2f}" if math.isfinite(value) else "n/a"
+
+
 def _ci(low: float, high: float) -> str:
     return f"[{low:+.2f}, {high:+.2f}]" if math.isfinite(low) else "n/a"
 
@@ -530,14 +547,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             cases_ci = _ci(d.get("cases_ci_low", math.nan), d.get("cases_ci_high", math.nan))
             detectable = d.get("detectable_pct", math.nan)
             detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
-            seeds_text = ", ".join(f"{v:+.2f}" if math.isfinite(v) else "n/a" for v in d["per_seed"])
+            seeds_text = ", ".join(_signed(v) for v in d["per_seed"])
             defined = d.get("seeds_with_delta", len(d["per_seed"]))
             spread = f" ± {d['std_over_seeds']:.2f}" if defined > 1 else ""
             if defined < len(d["per_seed"]):
                 spread += f" ({defined} of {len(d['per_seed'])} seeds defined)"
             paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
             lines.append(
-                f"| {arch} | {d['delta_mtl']:+.2f}{spread} | {ci} | {cases_ci} | {detectable_text} | "
+                f"| {arch} | {_signed(d['delta_mtl'])}{spread} | {ci} | {cases_ci} | {detectable_text} | "
                 f"{seeds_text} | {paper_text} |"
             )
         if entry.get("paired_differences"):
@@ -551,7 +568,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 detectable = d["detectable_pct"]
                 detectable_text = f"±{detectable:.2f}" if math.isfinite(detectable) else "n/a"
                 ci = _ci(d["ci_low"], d["ci_high"])
-                lines.append(f"| {name} | {d['difference']:+.2f} | {ci} | {detectable_text} |")
+                lines.append(f"| {name} | {_signed(d['difference'])} | {ci} | {detectable_text} |")
         if entry["cost"]:  # an external test set's models are its training set's: no cost of its own
             lines += [
                 "",
@@ -599,7 +616,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ]
             for name, e in tested:
                 cells = [
-                    f"{d['delta_mtl']:+.2f} {_ci(d['ci_low'], d['ci_high'])}"
+                    f"{_signed(d['delta_mtl'])} {_ci(d['ci_low'], d['ci_high'])}"
                     for d in (e["delta_mtl"][a] for a in report["mean_delta_mtl"])
                 ]
                 lines.append(f"| {dataset} | {name} | {e['test_cases']} | " + " | ".join(cells) + " |")
@@ -607,6 +624,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["### Mean over datasets", "", *_table_head("architecture", "Δ_MTL (%) here", "paper")]
     for arch, value in report["mean_delta_mtl"].items():
         paper_text = f"{paper[arch]:+.2f}" if arch in paper else "—"
-        lines.append(f"| {arch} | {value:+.2f} | {paper_text} |")
+        lines.append(f"| {arch} | {_signed(value)} | {paper_text} |")
     lines.append("")
     return "\n".join(lines)

@@ -151,6 +151,29 @@ def check_finite(
             )
 
 
+def check_shapes(
+    preds: dict[str, np.ndarray],
+    item: dict[str, Any],
+    tasks: list[Task],
+    paths: dict[str | None, Path],
+    arch: str,
+    case_id: str,
+) -> None:
+    """Refuse a dense prediction that is not on its reference's grid, naming the model file: it would
+    be scored against other voxels, or fail inside numpy with a traceback."""
+    from ctan.layout import per_task
+
+    for t in tasks:
+        if not t.dense:
+            continue
+        got, want = tuple(preds[t.name].shape), tuple(item[t.name].shape)
+        if got != want:
+            raise CtanError(
+                paths[t.name if per_task(arch) else None],
+                f"predicts {t.name} of shape {got} for test case {case_id}, whose reference is {want}",
+            )
+
+
 @torch.no_grad()
 def predict(
     models: dict[str, torch.nn.Module],
@@ -272,12 +295,17 @@ def _evaluate_into(
         attrs = store.case_attrs(case_id)
         preds = predict(models, tasks, item["image"].to(dev), patch)
         check_finite(preds, paths, arch, case_id)
+        check_shapes(preds, item, tasks, paths, arch, case_id)
         dense_out = {}
         for t in tasks:
             if t.kind == "regression":
+                possible = item["possible_dose_mask"].numpy() > 0
+                if not possible.any():  # a NaN score, left out of the mean unseen (openkbp-score refuses it)
+                    problem = "the possible-dose mask is empty: the dose score would be 0/0"
+                    raise CtanError(test_set.path / case_id, problem)
                 # As the OpenKBP baseline does: no dose outside the possible-dose mask. The loss never
                 # sees those voxels, yet the dose score's numerator runs over the whole grid.
-                preds[t.name] = preds[t.name] * (item["possible_dose_mask"].numpy() > 0)
+                preds[t.name] = preds[t.name] * possible
                 dense_out[t.name] = preds[t.name].astype(np.float32)
                 per_case[t.name][case_id] = _dose_case(item, preds[t.name], attrs, structure_names, settings)
             elif t.kind == "segmentation":

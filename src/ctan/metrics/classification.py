@@ -1,7 +1,8 @@
 """Image-level metrics: balanced accuracy, binary and macro one-vs-rest AUC, and STOIC 2021's AUCs.
 
 Undefined values are NaN, never an exception, and the reason is logged (logger ``ctan.metrics``):
-an AUC needs both classes in ``y_true``; a balanced accuracy needs at least one sample.
+an AUC needs both classes in ``y_true``; a balanced accuracy needs at least one sample. Bad input is
+an error (`CtanError`): NaN or infinite scores, labels that are not class indices.
 
 - Balanced accuracy (ISIC 2018 task 3): the mean recall over the classes present in ``y_true``
   (scikit-learn's ``balanced_accuracy_score``; predicted classes absent from ``y_true`` only lower
@@ -28,10 +29,25 @@ log = logging.getLogger("ctan.metrics")
 
 
 def _labels(y_true: np.ndarray | list) -> np.ndarray:
+    """Class indices as int64; NaN or fractional "labels" are refused rather than truncated (a NaN
+    cast to int64 is a large negative number that silently counts as a wrong class)."""
     array = np.asarray(y_true)
     if array.ndim != 1:
         raise CtanError(None, f"labels must be one-dimensional, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise CtanError(None, f"labels must be class indices, found {array[bad][:3].tolist()}")
     return array.astype(np.int64)
+
+
+def _scores(score: np.ndarray | list, name: str) -> np.ndarray:
+    """Scores as float64, refused if any is NaN or infinite (scikit-learn's bare ValueError before)."""
+    values = np.asarray(score, dtype=np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(values)))
+    if bad:
+        raise CtanError(None, f"{name}: {bad} score(s) are NaN or infinite")
+    return values
 
 
 def balanced_accuracy(y_true: np.ndarray | list, y_pred: np.ndarray | list) -> float:
@@ -50,7 +66,7 @@ def balanced_accuracy(y_true: np.ndarray | list, y_pred: np.ndarray | list) -> f
 def binary_auc(y_true: np.ndarray | list, score: np.ndarray | list, name: str = "AUC") -> float:
     """ROC AUC of a binary label against a score (higher = positive); NaN if one class only."""
     truth = _labels(y_true)
-    values = np.asarray(score, dtype=np.float64)
+    values = _scores(score, name)
     if values.shape != truth.shape:
         raise CtanError(None, f"{name}: {truth.size} labels but scores of shape {values.shape}")
     classes = np.unique(truth)
@@ -68,7 +84,7 @@ def per_class_auc(
 ) -> dict[int, float]:
     """One-vs-rest AUC of each class (column of ``scores``, shape ``(N, K)``); NaN where undefined."""
     truth = _labels(y_true)
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = _scores(scores, "macro AUC")
     if scores.ndim != 2 or scores.shape[0] != truth.size:
         raise CtanError(None, f"scores must be (N, K) with N={truth.size}, got {scores.shape}")
     if n_classes is not None and scores.shape[1] != n_classes:
@@ -108,7 +124,7 @@ def stoic_aucs(
     """STOIC 2021: ``auc_covid`` on all patients, ``auc_severity`` on COVID-positive patients only."""
     covid = _labels(covid_true)
     severity = _labels(severity_true)
-    severity_values = np.asarray(severity_score, dtype=np.float64)
+    severity_values = _scores(severity_score, "severity AUC")
     if severity.shape != covid.shape or severity_values.shape != covid.shape:
         raise CtanError(None, "STOIC labels and scores must all have one value per patient")
     positive = covid == 1

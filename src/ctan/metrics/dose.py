@@ -142,18 +142,40 @@ def write_dose_csv(path: Path, dose: np.ndarray, axes: Literal["zyx", "challenge
 # --- metrics on arrays ----------------------------------------------------------------------------
 
 
+def _finite_dose(dose: np.ndarray, which: str) -> np.ndarray:
+    """``dose`` as float64, refused if any voxel is NaN or infinite: a NaN makes a dose score or DVH
+    metric NaN, and the challenge's ``nanmean`` would then silently leave it out."""
+    dose = np.asarray(dose, dtype=np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(dose)))
+    if bad:
+        raise CtanError(None, f"{which} dose has {bad} NaN or infinite voxel(s)")
+    return dose
+
+
+def _voxel_volume(voxel_dims_mm: Sequence[float]) -> float:
+    dims = np.asarray(voxel_dims_mm, dtype=np.float64)
+    if dims.size == 0 or not np.all(np.isfinite(dims)) or np.any(dims <= 0):
+        raise CtanError(None, f"voxel dimensions must be positive numbers (mm), got {dims.tolist()}")
+    return float(np.prod(dims))
+
+
 def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose_mask: np.ndarray) -> float:
     """Per-patient OpenKBP dose score: ``Σ|reference − prediction| / Σ possible_dose_mask`` (Gy).
 
     The numerator runs over the whole grid, as in the reference: mask predictions before scoring.
+    NaN for an empty mask (0/0); a mask of another shape or a non-finite dose is an error (a NaN
+    score would be skipped by the mean over patients, scoring a broken prediction as no prediction).
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    prediction = np.asarray(prediction, dtype=np.float64)
-    if reference.shape != prediction.shape:
+    reference = _finite_dose(reference, "reference")
+    prediction = _finite_dose(prediction, "predicted")
+    mask = np.asarray(possible_dose_mask)
+    if not reference.shape == prediction.shape == mask.shape:
         raise CtanError(
-            None, f"dose shapes differ: reference {reference.shape}, prediction {prediction.shape}"
+            None,
+            f"dose shapes differ: reference {reference.shape}, prediction {prediction.shape}, "
+            f"possible-dose mask {mask.shape}",
         )
-    voxels = float(np.sum(possible_dose_mask))
+    voxels = float(np.sum(mask.astype(bool)))
     if voxels == 0:
         return float("nan")
     return float(np.sum(np.abs(reference - prediction)) / voxels)
@@ -170,11 +192,11 @@ def dvh_metrics(
 
     ``structures`` maps ROI names to masks on the dose grid; names outside ``oars`` and ``targets``
     (OpenKBP's by default; bring-your-own cases pass their own) are ignored, absent or empty ROIs are
-    skipped. ``voxel_dims_mm`` only enters through the voxel volume.
+    skipped. ``voxel_dims_mm`` only enters through the voxel volume. A NaN or infinite dose is an
+    error: its DVH errors would be NaN, and the DVH score's ``nanmean`` would drop them unseen.
     """
-    dose = np.asarray(dose, dtype=np.float64)
-    voxel_volume = float(np.prod(np.asarray(voxel_dims_mm, dtype=np.float64)))
-    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume)))
+    dose = _finite_dose(dose, "the")
+    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / _voxel_volume(voxel_dims_mm))))
     out: DvhMetrics = {}
     for roi in (*oars, *targets):
         mask = structures.get(roi)
@@ -222,8 +244,7 @@ def dose_at_volume(curve: tuple[np.ndarray, np.ndarray], volume_pct: float) -> f
 def dvh_metric_volumes(roi_voxels: int, voxel_dims_mm: Sequence[float]) -> dict[str, float]:
     """Where each DVH metric of `dvh_metrics` sits on the curve: ``{metric: volume %}`` (OARs' mean has
     no volume). D_0.1_cc: the hottest 0.1 cc, i.e. ``n / roi_voxels · 100`` % (at most 100 %)."""
-    voxel_volume = float(np.prod(np.asarray(voxel_dims_mm, dtype=np.float64)))
-    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume)))
+    voxels_in_tenth_cc = max(1.0, float(np.round(100.0 / _voxel_volume(voxel_dims_mm))))
     return {
         "D_0.1_cc": min(100.0, voxels_in_tenth_cc / roi_voxels * 100.0),
         "D_99": 99.0,
@@ -333,6 +354,9 @@ def score_directories(reference: Path | list[Path], predictions: Path) -> dict[s
     "n_patients"}``
     with the challenge's aggregation (mean dose score over patients; DVH score pooled over all
     patients' metrics). Every reference patient needs a prediction and every prediction a reference.
+    A patient with no contoured ROI has no DVH metric: the reference's row of NaN adds nothing to its
+    ``nanmean``; here its ``dvh_score`` is None (JSON ``null``, not the invalid ``NaN``) and its
+    ``dvh_count`` 0. If no patient has one, the DVH score is undefined: an error naming the folder.
     """
     folders = [Path(f) for f in reference] if isinstance(reference, list) else [Path(reference)]
     reference, predictions = folders[0], Path(predictions)
@@ -355,7 +379,7 @@ def score_directories(reference: Path | list[Path], predictions: Path) -> dict[s
             predictions / f"{extra[0]}.csv", f"prediction has no reference patient in {reference}"
         )
 
-    patients: dict[str, dict[str, float]] = {}
+    patients: dict[str, dict[str, float | None]] = {}
     all_reference: list[DvhMetrics] = []
     all_predicted: list[DvhMetrics] = []
     for pt in _sorted_patients(ref_ids):
@@ -368,9 +392,19 @@ def score_directories(reference: Path | list[Path], predictions: Path) -> dict[s
             ref["structures"],  # type: ignore[arg-type]
             ref["voxel_dimensions"],  # type: ignore[arg-type]
         )
-        patients[pt] = {k: result[k] for k in ("dose_score", "dvh_score", "dvh_count")}  # type: ignore[misc]
+        patients[pt] = {
+            "dose_score": result["dose_score"],  # type: ignore[dict-item]
+            "dvh_score": result["dvh_score"] if result["dvh_count"] else None,  # type: ignore[dict-item]
+            "dvh_count": result["dvh_count"],  # type: ignore[dict-item]
+        }
         all_reference.append(result["reference_metrics"])  # type: ignore[arg-type]
         all_predicted.append(result["predicted_metrics"])  # type: ignore[arg-type]
+    if not any(all_reference):
+        names = ", ".join(f"{roi}.csv" for roi in ROIS)
+        raise CtanError(
+            reference,
+            f"no reference patient has a contoured ROI ({names}): the DVH score would be a mean of nothing",
+        )
 
     dose_scores = np.asarray([p["dose_score"] for p in patients.values()], dtype=np.float64)
     finite = dose_scores[~np.isnan(dose_scores)]

@@ -9,7 +9,9 @@ within each task first, so a task with several metrics weighs as much as a task 
 baseline is the STL model's value (same seed), never epoch 0.
 
 A relative change is NaN where either value is NaN or the STL value is 0; Δ is then NaN too, rather
-than silently averaging over fewer metrics.
+than silently averaging over fewer metrics. The change is divided by ``|M_STL|`` (LibMTL divides by
+``M_STL``): the same for the non-negative metrics of the registry, and for a negative baseline it
+keeps "positive = better" true instead of flipping the sign.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def relative_change(value: float, stl: float, higher_is_better: bool) -> float:
     if math.isnan(value) or math.isnan(stl) or stl == 0:
         return float("nan")
     sign = 1.0 if higher_is_better else -1.0
-    return sign * (value - stl) / stl * 100.0
+    return sign * (value - stl) / abs(stl) * 100.0
 
 
 def relative_changes(
