@@ -490,3 +490,66 @@ def test_the_example_is_the_case_with_the_median_score() -> None:
     probs = {"x": {"probability": [0.9], "label": 0}, "y": {"probability": [0.6], "label": 1}}
     probs |= {"z": {"probability": [0.2], "label": 0}}  # p(true) = 0.1, 0.6, 0.8
     assert median_case([covid], {"covid": probs})[0] == "y"
+
+
+def test_axial_flips_turn_every_world_to_radiology_view() -> None:
+    """Anterior up, the patient's right on the viewer's left, from the direction matrix and the world."""
+    from ctan.plots import axial_flips
+
+    identity = np.eye(3).ravel()
+    assert axial_flips(identity, "LPS") == (False, False)  # OpenKBP, STOIC as ITK writes most CTs
+    assert axial_flips(identity, "RAS") == (True, True)  # canonical NIfTI: (S, A, R)
+    assert axial_flips(np.diag([1.0, -1.0, 1.0]).ravel(), "LPS") == (True, False)
+    assert axial_flips(np.diag([1.0, 1.0, -1.0]).ravel(), "RAS") == (True, False)
+    sagittal = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=float).ravel()  # x runs along S
+    assert axial_flips(sagittal, "RAS")[1] is False
+    assert axial_flips(identity, None) == (False, False)  # photographs: as stored
+    assert axial_flips((), "LPS") == (False, False)
+
+
+def _rows_of(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[0].mean())
+
+
+def test_the_real_nifti_ct_is_shown_anterior_up(shared_data) -> None:
+    """The real abdomen CT, read as the NIfTI reader reads it: after `axial_flips` the spine (bone next
+    to the body's centre line) lies below the body's centre, as in any radiology viewer."""
+    import nibabel as nib
+
+    from ctan.datasets import nifti_cases
+    from ctan.plots import axial_flips
+
+    path = shared_data / "nifti" / "example_ct.nii.gz"
+    image = nib.load(path)
+    volume = nifti_cases._zyx(image, path)
+    _, _, direction = nifti_cases.geometry(nib.as_closest_canonical(image).affine)
+    flips = axial_flips(direction, nifti_cases.WORLD)
+    plane = volume[volume.shape[0] // 2]
+    shown = plane[::-1] if flips[0] else plane
+    shown = shown[:, ::-1] if flips[1] else shown
+    body = shown > -300
+    centre = shown.shape[1] // 2
+    spine = (shown > 250) & (np.abs(np.arange(shown.shape[1]) - centre) < shown.shape[1] // 10)[None]
+    assert spine.sum() > 20
+    assert _rows_of(spine) > _rows_of(body)  # without the flips it lies above: upside down
+
+
+def test_openkbp_sample_is_shown_anterior_up_as_stored(shared_data, tmp_path) -> None:
+    """OpenKBP is stored LPS with an identity direction: no flips, and the spinal cord below the
+    mandible (posterior) on the real sample."""
+    import tarfile
+
+    from ctan.datasets import openkbp
+    from ctan.plots import axial_flips
+
+    with tarfile.open(shared_data / "openkbp-sample.tar.xz") as tar:
+        members = [m for m in tar.getmembers() if "/pt_1/" in m.name or m.name.endswith("/pt_1")]
+        tar.extractall(tmp_path, members=members, filter="data")
+    root = next(tmp_path.rglob("provided-data")).parent
+    ref = next(r for r in openkbp.list_cases(root) if r.case_id == "pt_1")
+    case = openkbp.read_case(root, ref)
+    assert axial_flips(case.direction, openkbp.WORLD) == (False, False)
+    names = list(openkbp.STRUCTURES)
+    masks = case.dense["structures"]
+    cord, mandible = masks[names.index("SpinalCord")], masks[names.index("Mandible")]
+    assert _rows_of(cord.any(axis=0)) > _rows_of(mandible.any(axis=0))

@@ -461,8 +461,10 @@ def _true_class_probability(row: dict[str, Any]) -> float:
 
 
 def _plot_median_case(settings, arch, seed, tasks, test_set, store, pred_dir, per_case, out) -> None:
-    """examples.png of the median test case, and dvh.png of its dose, from what was saved and scored."""
-    from ctan.plots import plot_dvh, plot_examples, structure_colours
+    """examples.png of the median test case (an axial slice as radiology shows it, where the format has a
+    patient frame), and dvh.png of its dose, from what was saved and scored."""
+    from ctan.datasets import get_reader
+    from ctan.plots import axial_flips, plot_dvh, plot_examples, structure_colours
 
     case_id, phrase = median_case(tasks, per_case)
     item = test_set[test_set.case_ids.index(case_id)]
@@ -474,8 +476,17 @@ def _plot_median_case(settings, arch, seed, tasks, test_set, store, pred_dir, pe
     targets = {t.name: item[t.name].numpy() for t in tasks}
     names = list(read_manifest(settings.preprocessed_dir).get("structure_names", []))
     title = f"{settings.name} · {arch} · seed {seed}: {phrase}"
+    world = getattr(get_reader(settings.format), "WORLD", None)
+    flips = axial_flips(store.case_attrs(case_id).get("direction") or (), world) if world else None
     plot_examples(
-        item["image"].numpy(), targets, preds, tasks, out / "examples.png", title=title, structure_names=names
+        item["image"].numpy(),
+        targets,
+        preds,
+        tasks,
+        out / "examples.png",
+        title=title,
+        structure_names=names,
+        flips=flips,
     )
     for t in tasks:
         if t.kind == "regression":

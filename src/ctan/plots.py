@@ -203,6 +203,26 @@ def _finite(value: Any) -> float:
 # --- example predictions -----------------------------------------------------------------------------
 
 
+def axial_flips(direction: Sequence[float], world: str | None) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that show an axial slice of a (z, y, x) volume as radiology does:
+    anterior at the top, the patient's right on the viewer's left.
+
+    ``direction`` is the case's row-major (z, y, x) direction matrix, whose columns are the array axes'
+    world directions, listed (S, P, L) in an ``"LPS"`` world and (S, A, R) in a ``"RAS"`` one (a
+    dataset module's ``WORLD``). An axis that does not run mainly front-to-back (rows) or right-to-left
+    (columns), as in a sagittal acquisition, is left as stored; so is everything without a world.
+    """
+    if world not in ("LPS", "RAS") or len(direction) != 9:
+        return False, False
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    if world == "RAS":
+        d = d * np.array([[1.0], [-1.0], [-1.0]])  # (S, A, R) -> (S, P, L)
+    rows, columns = d[:, 1], d[:, 2]
+    flip_rows = int(np.argmax(np.abs(rows))) == 1 and rows[1] < 0
+    flip_columns = int(np.argmax(np.abs(columns))) == 2 and columns[2] < 0
+    return bool(flip_rows), bool(flip_columns)
+
+
 def plot_examples(
     image: np.ndarray,
     targets: Mapping[str, Any],
@@ -211,13 +231,16 @@ def plot_examples(
     out: Path,
     title: str | None = None,
     structure_names: Sequence[str] = (),
+    flips: tuple[bool, bool] | None = None,
 ) -> Path:
     """One test case: the image with every task's reference and prediction.
 
     image (C, *spatial), normalised; 3D shows the axial slice with the most reference dose (the middle
-    one without a dose task). Dose: colour wash over CT, reference and prediction on one scale, then
-    their difference (predicted − reference, blue below, red above, centred at 0). Segmentation:
-    reference contours solid, predicted (probability > 0.5) dashed, the legend beside the image.
+    one without a dose task), turned by ``flips`` (`axial_flips`: anterior up, the patient's right on
+    the left, marked A and R) or as stored without them (no patient frame). Dose: colour wash over CT,
+    reference and prediction on one scale, then their difference (predicted − reference, blue below,
+    red above, centred at 0). Segmentation: reference contours solid, predicted (probability > 0.5)
+    dashed, the legend beside the image.
     Image-level tasks: true and predicted class with its probability. ``title`` says which case it is
     (e.g. the one with the median score).
     """
@@ -241,7 +264,14 @@ def plot_examples(
     def plane(array: Any) -> np.ndarray:
         """(C, *spatial) -> (C, H, W) in the displayed plane."""
         array = np.asarray(array, dtype=np.float32)
-        return array[:, z] if z is not None else array
+        if z is None:
+            return array
+        shown = array[:, z]
+        if flips and flips[0]:
+            shown = shown[:, ::-1]
+        if flips and flips[1]:
+            shown = shown[:, :, ::-1]
+        return np.ascontiguousarray(shown)
 
     background = _display_image(plane(image))
     panels = 1 + sum(3 if t.kind == "regression" else 1 for t in dense)
@@ -262,6 +292,11 @@ def plot_examples(
             ax.set_axis_off()
         where = f" (axial slice {z})" if z is not None else ""
         axes[0].set_title("image" + where)
+        if z is not None and flips is not None:  # the radiology view: say so, as a viewer does
+            for x, y, letter in ((0.5, 0.97, "A"), (0.03, 0.5, "R")):
+                axes[0].text(
+                    x, y, letter, transform=axes[0].transAxes, color="yellow", ha="center", va="center"
+                )
 
         k = 1
         for task in dense:

@@ -4,6 +4,8 @@ A dataset module (``openkbp``, ``ham10000``, ``stoic``, ``nifti_cases``) defines
 
 - ``FORMAT: str`` – its registry name;
 - ``SPATIAL_DIMS: int`` – 2 or 3;
+- ``WORLD: str | None`` – the patient frame its (origin, direction) are in: ``"LPS"`` (DICOM's, listed
+  (S, P, L) in (z, y, x) order), ``"RAS"`` (NIfTI's, listed (S, A, R)), or None (photographs);
 - ``TASKS: dict[str, Task]`` – the tasks it can offer;
 - ``list_cases(root: Path) -> list[CaseRef]`` – every case with its split, cheap (no pixel reads),
   raising `CtanError` for an empty or malformed dataset;

@@ -34,6 +34,7 @@ from ctan.tasks import Task, label_task
 
 FORMAT = "ham10000"
 SPATIAL_DIMS = 2
+WORLD = None  # dermoscopy photographs: no patient frame
 MARKER = "HAM10000_metadata.csv"
 
 CLASS_NAMES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")

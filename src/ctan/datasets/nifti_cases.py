@@ -55,6 +55,7 @@ from ctan.tasks import DOSE, Task, structures_task
 
 FORMAT = "nifti_cases"
 SPATIAL_DIMS = 3
+WORLD = "RAS"  # nibabel's world, listed (S, A, R) in (z, y, x) order (module docstring)
 MARKER = "cases"
 
 CLASS_NAMES: tuple[str, ...] = ()

@@ -48,6 +48,7 @@ from ctan.tasks import DOSE, Task, structures_task
 
 FORMAT = "openkbp"
 SPATIAL_DIMS = 3
+WORLD = "LPS"  # (z, y, x) point to (superior, posterior, left), an identity direction (module docstring)
 MARKER = "provided-data"
 
 GRID: tuple[int, int, int] = (128, 128, 128)

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 FORMAT = "stoic"
 SPATIAL_DIMS = 3
+WORLD = "LPS"  # ITK's world, reversed to (z, y, x) order: listed (S, P, L)
 MARKER = "metadata/reference.csv"
 
 CLASS_NAMES: tuple[str, ...] = ()
