@@ -132,6 +132,14 @@ def test_possible_dose_mask_file_is_used_when_present(tiny: Path) -> None:
     assert case.dense["possible_dose_mask"].sum() == 1 and case.dense["possible_dose_mask"][0, 0, 0, 0] == 1
 
 
+def test_an_empty_possible_dose_mask_is_refused_at_reading(tiny: Path) -> None:
+    """Its dose score would be 0/0: refused when the case is read, not found by `ctan evaluate` later."""
+    save(tiny / "cases" / "a" / "possible_dose_mask.nii.gz", np.zeros((6, 5, 4), dtype=np.uint8), AFFINE)
+    with pytest.raises(CtanError, match="possible-dose mask is empty") as err:
+        nifti_cases.read_case(tiny, CaseRef("a", "train"))
+    assert_names(err, "possible_dose_mask.nii.gz")
+
+
 def test_split_from_params_is_deterministic_and_file_overrides(tiny: Path) -> None:
     refs = nifti_cases.list_cases(tiny)
     assert [r.case_id for r in refs] == ["a", "b", "c", "d", "e"]

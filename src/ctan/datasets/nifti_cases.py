@@ -389,6 +389,10 @@ def read_case(root: Path, ref: CaseRef) -> Case:
         sources.append(pdm_path)
     else:
         possible = (ct > BODY_THRESHOLD_HU).astype(np.uint8)
+    if not possible.any():  # the dose score divides by its voxels: 0/0, a case left out of the mean
+        where = pdm_path if pdm_path.is_file() else ct_path
+        what = "is empty" if pdm_path.is_file() else f"(the body, CT > {BODY_THRESHOLD_HU} HU) is empty"
+        raise CtanError(where, f"the possible-dose mask {what}: the dose could not be scored on this case")
 
     names = structure_names(root)
     structures = np.zeros((len(names), *ct.shape), dtype=np.uint8)
