@@ -553,3 +553,20 @@ def test_openkbp_sample_is_shown_anterior_up_as_stored(shared_data, tmp_path) ->
     masks = case.dense["structures"]
     cord, mandible = masks[names.index("SpinalCord")], masks[names.index("Mandible")]
     assert _rows_of(cord.any(axis=0)) > _rows_of(mandible.any(axis=0))
+
+
+@pytest.mark.parametrize("name", ["Lung_Dx-A0001.mha", "Lung_Dx-A0002_128.mha"])
+def test_the_real_chest_cts_are_shown_anterior_up(shared_data, name) -> None:
+    """The real chest CTs, read as the STOIC reader reads them (LPS): the spine below the body's centre."""
+    from ctan.datasets import stoic
+    from ctan.plots import axial_flips
+
+    volume, _, _, direction = stoic.read_ct(shared_data / "ct-samples" / name)
+    flips = axial_flips(direction, stoic.WORLD)
+    plane = volume[volume.shape[0] // 2]
+    shown = plane[::-1] if flips[0] else plane
+    shown = shown[:, ::-1] if flips[1] else shown
+    centre = shown.shape[1] // 2
+    spine = (shown > 250) & (np.abs(np.arange(shown.shape[1]) - centre) < shown.shape[1] // 10)[None]
+    assert spine.sum() > 20
+    assert _rows_of(spine) > _rows_of(shown > -300)
