@@ -136,3 +136,115 @@ def test_an_invalid_parameter_names_the_file_that_set_it(tmp_path):
         load_params([REPO / "params.yaml", first])
     both = f"{REPO / 'params.yaml'}, {first}"
     assert str(err.value).startswith(f"{both}: invalid parameter at training/patch_size (for")
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a researcher types wrong in a parameter file: one line naming the file, the place and the fix.
+
+
+def _one_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ctan: error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("training:\n  epochs: [1\n", "not valid YAML: line 3, column 1: expected ',' or ']'"),
+        ("training:\n\tepochs: 3\n", "line 2, column 1: found character '\\t'"),
+        ("training:\n\tepochs: 3\n", "indent with spaces"),
+        ("", "holds no parameters (empty, or only comments)"),
+        ("# epochs: 3\n", "holds no parameters (empty, or only comments)"),
+        (
+            "- training\n- epochs\n",
+            "expected a mapping of parameters (key: value) at the top level, found a list",
+        ),
+        # PyYAML keeps the second `training:` silently: the first block's epochs would be lost.
+        (
+            "training:\n  epochs: 3\nmodel: {width: 8}\ntraining:\n  batch_size: 4\n",
+            "key 'training' appears twice in one mapping (lines 1 and 4)",
+        ),
+        ("training: {epochs: 3, epochs: 4}\n", "key 'epochs' appears twice"),
+    ],
+    ids=["syntax", "tab", "tab-fix", "empty", "comments", "list", "key-twice", "key-twice-inline"],
+)
+def test_a_parameter_file_that_is_not_a_mapping_of_parameters(tmp_path, capsys, monkeypatch, text, said):
+    """The empty and commented-out files and the repeated key were accepted silently (nothing, or only the
+    last block, applied); the YAML errors named `"<unicode string>"` instead of the file's line."""
+    monkeypatch.chdir(tmp_path)  # an override accepted by mistake must not create a store in the repo
+    path = tmp_path / "override.yaml"
+    path.write_text(text)
+    line = _one_line(capsys, ["init-tracking", "--params", str(REPO / "params.yaml"), "--params", str(path)])
+    assert line.startswith(f"ctan: error: {path}: ") and said in line, line
+    assert "<unicode string>" not in line
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_parameter_file_that_is_not_text_or_is_a_folder(tmp_path, capsys, monkeypatch):
+    """Not UTF-8: a UnicodeDecodeError traceback; a folder: 'parameter file not found'."""
+    monkeypatch.chdir(tmp_path)
+    binary = tmp_path / "params.yaml.gz"
+    binary.write_bytes(b"\x1f\x8b\x08\x00\xff\xfe training")
+    line = _one_line(capsys, ["init-tracking", "--params", str(binary)])
+    said = "not a text file (byte 0x8b at offset 1 is not UTF-8); give a YAML parameter file"
+    assert line == f"ctan: error: {binary}: {said}"
+    folder = tmp_path / "config"
+    folder.mkdir()
+    line = _one_line(capsys, ["init-tracking", "--params", str(folder)])
+    assert (
+        line
+        == f"ctan: error: {folder}: is a folder, not a parameter file; give a YAML file such as params.yaml"
+    )
+
+
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text("common: &c {epochs: 3}\ntraining:\n  <<: *c\n  batch_size: 4\n")
+    from ctan.config import read_params_file
+
+    assert read_params_file(path)["training"] == {"epochs": 3, "batch_size": 4}
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        (
+            "training:\n  learning_rate: 0.001\n",
+            "invalid parameter at training/learning_rate: unknown key 'learning_rate' (did you mean 'lr'?",
+        ),
+        ("training:\n  batchsize: 4\n", "unknown key 'batchsize' (did you mean 'batch_size'?"),
+        ('training:\n  epochs: "20"\n', "training/epochs: '20' is text, not a number"),
+        ('training:\n  epochs: "20"\n', "write 20 without quotes"),
+        # YAML 1.1 (PyYAML, Snakemake) reads 1e-3 as a string: "'1e-3' is not of type 'number'" before.
+        ("training:\n  lr: 1e-3\n", "training/lr: '1e-3' is text, not a number"),
+        ("training:\n  lr: 1e-3\n", "write 0.001 or 1.0e-3"),
+        ("tuning:\n  lr: [3e-4, 1.0e-3]\n", "tuning/lr/0: '3e-4' is text, not a number"),
+        ("training:\n  epochs: 1e2\n", "training/epochs: '1e2' is text, not a number: YAML 1.1"),
+        ("training:\n  epochs: 1e2\n", "; write 100"),
+        ("run:\n  seeds: 0\n", "run/seeds: 0 is not a list; write [0] for a list of one"),
+        ("run:\n  architectures: [stl, ctna]\n", "'ctna' (known: stl, hps, mtan, ctan, "),
+        ("run:\n  architectures: [stl, ctna]\n", "; did you mean 'ctan'?"),
+        (
+            "run:\n  datasets: [ham10000_demo, ham_demo]\n",
+            "invalid parameter at run/datasets/1: 'ham_demo' is not defined under datasets: (defined: ",
+        ),
+    ],
+)
+def test_a_misspelt_or_mistyped_parameter_says_what_to_write(tmp_path, text, said):
+    """Each named the key before, but not the fix; a dataset missing from datasets: named every file."""
+    path = tmp_path / "override.yaml"
+    path.write_text(text)
+    with pytest.raises(CtanError) as err:
+        load_params([REPO / "params.yaml", path])
+    assert str(err.value).startswith(f"{path}: invalid parameter at "), str(err.value)
+    assert said in str(err.value)
+
+
+def test_the_repository_parameter_files_have_no_repeated_keys():
+    from ctan.config import read_params_file
+
+    for path in [REPO / "params.yaml", *sorted((REPO / "config").glob("*.yaml"))]:
+        assert read_params_file(path)

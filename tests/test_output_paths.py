@@ -69,3 +69,30 @@ def test_compare_output_that_is_a_file(tmp_path, capsys, places):
         f"cannot be written: {places['file']} is a file, not a folder",
     )
     _unchanged(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["raw", "preprocessed", "models", "results"])
+def test_a_configured_folder_that_is_a_file(tmp_path, capsys, places, key):
+    """`paths.models: <a file>` was a NotADirectoryError traceback from `ctan train` (FileExistsError
+    from download and preprocess), after loading the data; now every command refuses the parameters."""
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    for value, problem in [
+        (places["file"], "is a file, not a folder"),
+        (places["under_file"], f"lies under {places['file']}, which is a file, not a folder"),
+    ]:
+        override = tmp_path / "paths.yaml"
+        folders = {k: str(tmp_path / "folder" / k) for k in ("raw", "preprocessed", "models", "results")}
+        override.write_text(yaml.safe_dump({"paths": {**folders, key: str(value)}}))
+        params = ["--params", str(repo / "params.yaml"), "--params", str(override)]
+        argv = ["train", *params, "--dataset", "ham10000_demo", "--arch", "hps", "--seed", "0"]
+        _fails(
+            capsys,
+            argv,
+            override,
+            f"invalid parameter at paths/{key}: {value} {problem}; move the "
+            f"file away or set paths.{key} to a folder (it is made where missing)",
+        )
+        override.unlink()
+    _unchanged(tmp_path)

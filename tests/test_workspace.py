@@ -141,3 +141,16 @@ def test_snakemake_refuses_such_a_dataset_before_planning(tmp_path):
     assert out.returncode != 0
     assert "does not match" in out.stdout + out.stderr
     assert not (copy / "data").exists()
+
+
+def test_a_file_where_a_dataset_or_model_folder_belongs(tmp_path):
+    """`models/ham10000_demo` (or `.../hps`) a file: a NotADirectoryError traceback at the first write."""
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "ham").write_text("not a folder\n")
+    with pytest.raises(CtanError, match="is a file where ctan keeps the folder") as err:
+        inside(root, "ham", "hps", "seed0")
+    assert err.value.path == str(root / "ham")
+    with pytest.raises(CtanError, match="is a file where ctan keeps the folder"):
+        inside(root, "ham")
+    assert inside(root, "other", "hps") == root / "other" / "hps"  # a folder yet to be made is fine

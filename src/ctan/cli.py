@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ctan.errors import CtanError
@@ -138,21 +141,30 @@ def _set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _tracked(args: argparse.Namespace) -> dict:
+    """The parameters of a command that logs to MLflow, whose store is checked before any work: an
+    MLflow server that does not answer took MLflow ~4 minutes of retries to say so, after the set-up."""
     from ctan.config import load_params
-    from ctan.training.trainer import train
+    from ctan.tracking import check_tracking
 
     params = load_params(args.params)
+    check_tracking(params)
+    return params
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ctan.training.trainer import train
+
+    params = _tracked(args)
     _set_threads(args.threads)
     train(params, args.dataset, args.arch, args.seed, task=args.task, device=args.device)
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ctan.config import load_params
     from ctan.training.tuning import tune
 
-    params = load_params(args.params)
+    params = _tracked(args)
     _set_threads(args.threads)
     for path in tune(params, args.dataset, args.arch, task=args.task, device=args.device):
         print(path)
@@ -160,10 +172,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ctan.config import load_params
     from ctan.evaluation import evaluate
 
-    params = load_params(args.params)
+    params = _tracked(args)
     _set_threads(args.threads)
     out = evaluate(params, args.dataset, args.arch, args.seed, device=args.device, on=args.on)
     print(out)
@@ -444,19 +455,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, SLURM's scancel, Snakemake stopping its jobs) raised like Ctrl-C, so
+    that the clean-up of a half-done stage runs (hidden partial folders and temporary files removed, the
+    MLflow run ended) instead of the process vanishing and leaving them behind."""
+
+
+def _on_sigterm(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Install the SIGTERM handler for one command (main thread only: Python's rule), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        # Inside the try: argument types (--seed, names) raise CtanError, one line like any other.
-        args = parser.parse_args(argv)
-        started = time.perf_counter()
-        code = int(args.func(args) or 0)
-        if args.command in JOB_COMMANDS:
-            print(usage_line(args.command, started), file=sys.stderr)
-        return code
+        with _sigterm_as_interrupt():
+            # Inside the try: argument types (--seed, names) raise CtanError, one line like any other.
+            args = parser.parse_args(argv)
+            started = time.perf_counter()
+            code = int(args.func(args) or 0)
+            if args.command in JOB_COMMANDS:
+                print(usage_line(args.command, started), file=sys.stderr)
+            return code
     except CtanError as err:
         print(f"ctan: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(
+            "ctan: terminated (SIGTERM); run the same command again (training resumes from its last "
+            "checkpoint)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("ctan: interrupted", file=sys.stderr)
         return 130

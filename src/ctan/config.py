@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -52,8 +53,8 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
     try:
         _validator(schema).validate(params)
     except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise CtanError(source, f"invalid parameter at {where}: {err.message}") from None
+        where, problem = _explain(err)
+        raise CtanError(source, f"invalid parameter at {where}: {problem}") from None
     for where, value in _leaves(params):
         if isinstance(value, float) and not math.isfinite(value):
             raise CtanError(source, f"invalid parameter at {where}: {value} is not a finite number")
@@ -69,15 +70,17 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
                 "in HU with low < high",
             )
     _check_paths_apart(params.get("paths", {}), source)
+    _check_paths_are_folders(params.get("paths", {}), source)
     # no torch: the registry imports an architecture when built
     from ctan.models import ARCHITECTURES, attention_heads_problem, uses_attention_heads
 
     unknown = [a for a in params["run"]["architectures"] if a not in ARCHITECTURES]
     if unknown:
+        close = difflib.get_close_matches(unknown[0], ARCHITECTURES, n=1, cutoff=0.6)
         raise CtanError(
             source,
             f"invalid parameter at run/architectures: {', '.join(map(repr, unknown))} "
-            f"(known: {', '.join(ARCHITECTURES)})",
+            f"(known: {', '.join(ARCHITECTURES)})" + (f"; did you mean {close[0]!r}?" if close else ""),
         )
     if any(uses_attention_heads(a) for a in params["run"]["architectures"]):
         for name in params["run"]["datasets"]:
@@ -88,9 +91,13 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
             if problem:
                 key = "datasets/" + name + "/model" if own else "model"
                 raise CtanError(source, f"invalid parameter at {key}: {problem}")
-    for name in params["run"]["datasets"]:
+    for i, name in enumerate(params["run"]["datasets"]):
         if name not in params["datasets"]:
-            raise CtanError(source, f"run.datasets names {name!r}, which is not under datasets:")
+            raise CtanError(
+                source,
+                f"invalid parameter at run/datasets/{i}: {name!r} is not defined under datasets: "
+                f"(defined: {', '.join(params['datasets'])}); fix the name or add its entry",
+            )
         if params["datasets"][name].get("external_of"):
             raise CtanError(
                 source,
@@ -104,6 +111,77 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
         else:
             _check_grid(params, name, source)
     return params
+
+
+# Keys people write for ours (other tools' names); difflib finds plain misspellings.
+_KEY_ALIASES = {
+    "learning_rate": "lr",
+    "lr_rate": "lr",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "epoch": "epochs",
+    "batchsize": "batch_size",
+    "bs": "batch_size",
+    "seed": "seeds",
+    "dataset": "datasets",
+    "architecture": "architectures",
+    "arch": "architectures",
+    "archs": "architectures",
+    "optimiser": "optimizer",
+}
+
+
+def _explain(err: jsonschema.ValidationError) -> tuple[str, str]:
+    """Where a schema error is (``a/b/c``) and what to do about it, in words a user acts on."""
+    path = [str(p) for p in err.absolute_path]
+    where = "/".join(path) or "(top level)"
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = list((err.schema.get("properties") or {}).keys())
+        unknown = [k for k in err.instance if k not in known]
+        if known and unknown:
+            key = str(unknown[0])
+            guess = _KEY_ALIASES.get(key.lower())
+            if guess not in known:
+                close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.6)
+                guess = close[0] if close else None
+            hint = f"did you mean {guess!r}? " if guess else ""
+            return "/".join([*path, key]), (
+                f"unknown key {key!r} ({hint}the keys allowed here: {', '.join(known)})"
+            )
+    if err.validator == "type":
+        wanted = err.validator_value if isinstance(err.validator_value, list) else [err.validator_value]
+        value = err.instance
+        if isinstance(value, str) and {"number", "integer"} & set(wanted):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                if "e" in value.lower():  # quoted or not: YAML 1.1 reads 1e-3 as text
+                    why = "YAML 1.1 (PyYAML, Snakemake) reads a number like 1e-3, without a dot, as text"
+                    if "number" in wanted:
+                        fix = f"write {number!r} or {_yaml_float(value)}"
+                    else:
+                        fix = f"write {int(number)}" if number.is_integer() else "write a whole number"
+                else:
+                    fix = f"write {value.strip()} without quotes"
+                    why = "quoted values are text"
+                return where, f"{value!r} is text, not a number: {why}; {fix}"
+        if "array" in wanted and not isinstance(value, (list, dict)):
+            return where, f"{value!r} is not a list; write [{_yaml_scalar(value)}] for a list of one"
+    return where, err.message
+
+
+def _yaml_float(text: str) -> str:
+    """``1e-3`` as YAML 1.1 reads it as a float: ``1.0e-3``."""
+    mantissa, _, exponent = text.strip().lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}"
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _section(params: dict[str, Any], name: str, section: str, key: str) -> tuple[Any, str]:
@@ -159,6 +237,21 @@ def _check_paths_apart(paths: dict[str, str], source: str) -> None:
                 )
 
 
+def _check_paths_are_folders(paths: dict[str, str], source: str) -> None:
+    """Each folder of ``paths:`` is a folder, or can be made: not a file, nor under one (every stage
+    would otherwise fail at its first write, after its work, with a NotADirectoryError)."""
+    for key, value in paths.items():
+        path = Path(value)
+        for part in (path, *path.parents):
+            if part.exists() and not part.is_dir():
+                where = "is a file" if part == path else f"lies under {part}, which is a file"
+                raise CtanError(
+                    source,
+                    f"invalid parameter at paths/{key}: {value} {where}, not a folder; move the file away "
+                    f"or set paths.{key} to a folder (it is made where missing)",
+                )
+
+
 # Keys an external test set takes from its training dataset and may therefore not set itself.
 FROM_TRAINING = ("preprocess", "split", "primary_metrics", "training", "model", "tuning", "seeds")
 
@@ -208,14 +301,7 @@ def load_params(paths: list[str | Path] | None = None) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     loaded: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
-        if not path.is_file():
-            raise CtanError(path, "parameter file not found (run from the repository root or pass --params)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise CtanError(path, f"not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise CtanError(path, "expected a mapping at the top level")
+        data = read_params_file(path)
         merged = deep_merge(merged, data)
         loaded.append((path, data))
     try:
@@ -226,6 +312,84 @@ def load_params(paths: list[str | Path] | None = None) -> dict[str, Any]:
         if setter is None:
             raise
         raise CtanError(setter, err.problem) from None
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """One parameter file as a mapping; CtanError (naming the file, the line and the fix) for a file
+    that is missing, a folder, not text, not YAML, empty, not a mapping, or repeats a key."""
+    if path.is_dir():
+        raise CtanError(path, "is a folder, not a parameter file; give a YAML file such as params.yaml")
+    if not path.is_file():
+        raise CtanError(path, "parameter file not found (run from the repository root or pass --params)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CtanError(
+            path,
+            f"not a text file (byte {err.object[err.start]:#04x} at offset {err.start} is not UTF-8); "
+            "give a YAML parameter file",
+        ) from None
+    except OSError as err:
+        raise CtanError(path, f"cannot read: {err.strerror or err}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise CtanError(path, f"not valid YAML: {_yaml_problem(err)}") from None
+    if data is None:
+        raise CtanError(
+            path,
+            "holds no parameters (empty, or only comments); give the file of parameters you meant, "
+            "or leave this --params out",
+        )
+    if not isinstance(data, dict):
+        raise CtanError(
+            path,
+            f"expected a mapping of parameters (key: value) at the top level, found a {type(data).__name__}",
+        )
+    return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping: PyYAML keeps the last silently, so a
+    second `training:` block would replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, resolved by SafeLoader
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (lines {first.line + 1} and "
+                    f"{key_node.start_mark.line + 1}); YAML would keep only the second: merge them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as ``line L, column C: problem (context)``, with the fix for tabs."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text = f"{where}{problem}" + (f" ({context})" if context else "")
+    if "'\\t'" in problem:
+        text += "; YAML does not allow tabs for indentation: indent with spaces"
+    return text
 
 
 # One key's problem (a check across keys, "model/depth (for D)", names every file).

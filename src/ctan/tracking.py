@@ -14,11 +14,16 @@ Local SQLite store (``sqlite:///mlflow.db``, the default):
 
 Any other tracking URI (an ``http(s)://`` MLflow server, a database server) keeps the server's default
 artifact location.
+
+Before any work, `check_tracking` says in seconds, in one line, that the store cannot be used: an
+``http(s)://`` server that does not answer (MLflow itself retries for minutes), a SQLite store or folder
+that cannot be written. A store that fails later (a server gone mid-run) is one line too, not a traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -28,6 +33,7 @@ from typing import Any
 from ctan.errors import CtanError
 
 LOCK_TIMEOUT_S = 600  # longest wait for another job that is creating the store
+PROBE_TIMEOUT_S = 10  # longest wait for an MLflow server to answer before any work starts
 # MLflow 3 records what an experiment is in this tag (its UI's experiment-type selector writes the
 # same): ours is model training, not GenAI. MLflow 3.17's UI nevertheless opens every experiment on
 # the view of its "GenAI | Model training" switch (GenAI's empty Overview by default, remembered per
@@ -44,6 +50,79 @@ def run_name(dataset: str, arch: str, seed: int, task: str | None = None, tuning
 def tracking_uri(params: dict[str, Any]) -> str:
     """MLFLOW_TRACKING_URI wins over params.yaml, so a cluster can point at an MLflow server."""
     return os.environ.get("MLFLOW_TRACKING_URI") or params["mlflow"]["tracking_uri"]
+
+
+def _uri_setting() -> str:
+    """Where the tracking URI in use was set, for the fix in an error message."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "the environment variable MLFLOW_TRACKING_URI"
+    return "mlflow.tracking_uri in the parameters"
+
+
+def check_tracking(params: dict[str, Any]) -> None:
+    """Refuse, in seconds and before any work, a store the job could not log to: an ``http(s)://``
+    server that does not answer (MLflow retries a refused connection for ~4 minutes), a SQLite store
+    or its folder that cannot be written. Creates nothing."""
+    uri = tracking_uri(params)
+    db = sqlite_file(uri)
+    if db is not None:
+        _check_writable(db)
+    elif uri.split("://", 1)[0].lower() in ("http", "https"):
+        _check_server(uri)
+
+
+def _check_writable(db: Path) -> None:
+    """The SQLite database (if it exists) and the folder that holds it (or would) can be written."""
+    fix = f"make it writable, or set {_uri_setting()} to a store in a folder you can write"
+    if db.exists():
+        if db.is_dir():
+            raise CtanError(db, f"is a folder, not an MLflow (SQLite) database; {fix}")
+        if not os.access(db, os.R_OK | os.W_OK):
+            raise CtanError(db, f"the MLflow store is read-only (training and evaluation write to it); {fix}")
+    for folder in db.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise CtanError(db, f"cannot create the MLflow store's folder: {folder} is a file; {fix}")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise CtanError(db, f"the MLflow store's folder {folder} is read-only; {fix}")
+            return
+
+
+def _check_server(uri: str) -> None:
+    """One request to the server's ``/health``, no retries: any HTTP answer will do (a proxy may
+    answer 404 there); no answer within PROBE_TIMEOUT_S is an error naming the setting to change."""
+    from mlflow.tracking._tracking_service.utils import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        http_request(
+            get_default_host_creds(uri),
+            "/health",
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            backoff_jitter=0,
+            timeout=PROBE_TIMEOUT_S,
+            raise_on_status=False,
+        )
+    except Exception as err:  # noqa: BLE001 - requests/urllib3/MLflow wrap a connection error differently
+        raise CtanError(
+            uri,
+            f"no MLflow server answers there ({_reason(err)}); start it (mlflow server --host HOST "
+            f"--port PORT), or point {_uri_setting()} at one that runs (unset MLFLOW_TRACKING_URI to use "
+            "the local SQLite store of params.yaml)",
+        ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The cause of a failed request in a few words: 'Connection refused', 'timed out after 10 s'."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if found:
+        return found.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in type(err).__name__.lower():
+        return f"no answer within {PROBE_TIMEOUT_S} s"
+    return (text.strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _connect(params: dict[str, Any]):
@@ -83,6 +162,7 @@ def artifact_root(db: Path) -> str:
 def init_tracking(params: dict[str, Any]) -> str:
     """Create the store and the experiment; safe to call again, and from several jobs at once."""
     uri = tracking_uri(params)
+    check_tracking(params)
     db = sqlite_file(uri)
     if db is None:
         _create_experiment(params)
@@ -96,7 +176,16 @@ def init_tracking(params: dict[str, Any]) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CtanError(
-            db, f"cannot create the MLflow store's folder: {err.strerror}; set mlflow.tracking_uri"
+            db, f"cannot create the MLflow store's folder: {err.strerror}; set {_uri_setting()}"
+        ) from None
+    try:  # FileLock retries a lock file it cannot create until LOCK_TIMEOUT_S, then blames "another job"
+        with open(f"{db}.lock", "a"):
+            pass
+    except OSError as err:
+        raise CtanError(
+            db,
+            f"cannot write in the MLflow store's folder {db.parent}: {err.strerror or err}; "
+            f"set {_uri_setting()} to a store in a folder you can write",
         ) from None
     lock = FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT_S)
     try:
@@ -128,6 +217,12 @@ def _create_experiment(params: dict[str, Any], db: Path | None = None) -> None:
         where = db if db is not None else tracking_uri(params)
         problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CtanError(where, f"cannot open the MLflow store: {problem}") from None
+    except ImportError as err:  # a database server's driver (psycopg2, pymysql, ...) is not installed
+        raise CtanError(
+            tracking_uri(params),
+            f"cannot open the MLflow store: it needs the Python module {err.name or err} "
+            f"(pip install it), or set {_uri_setting()} to another store",
+        ) from None
 
 
 def _new_location(location: str | None, experiment_id: int, root: str) -> str | None:
@@ -200,8 +295,11 @@ def training_run(
     kwargs = (
         {"run_id": run_id} if run_id else {"experiment_id": experiment.experiment_id, "run_name": run_name}
     )
-    with mlflow.start_run(**kwargs) as run:
-        mlflow.set_tags(tags)
+    with _logging_to(mlflow):
+        active = mlflow.start_run(**kwargs)
+    with _ending(mlflow, active) as run:
+        with _logging_to(mlflow):
+            mlflow.set_tags(tags)
         yield run
 
 
@@ -217,8 +315,47 @@ def existing_run(params: dict[str, Any], run_id: str) -> Iterator[Any]:
     """Reopen a finished training run to log its evaluation."""
     mlflow = _connect(params)
     init_tracking(params)
-    with mlflow.start_run(run_id=run_id) as run:
+    with _logging_to(mlflow):
+        active = mlflow.start_run(run_id=run_id)
+    with _ending(mlflow, active) as run:
         yield run
+
+
+@contextmanager
+def _ending(mlflow, active) -> Iterator[Any]:
+    """``with active`` (the run ends FINISHED, or FAILED on an error), where a store failing to record
+    the end is one line, and never hides the error that ended the run."""
+    try:
+        yield active
+    except BaseException as err:
+        try:
+            active.__exit__(type(err), err, err.__traceback__)
+        except Exception:  # noqa: BLE001, S110 - the store failing too; the job's own error matters
+            pass
+        raise
+    with _logging_to(mlflow):
+        active.__exit__(None, None, None)
+
+
+@contextmanager
+def _logging_to(mlflow) -> Iterator[None]:
+    """A store that fails while a job logs to it (a server gone, a database locked or read-only, a full
+    disk under mlruns/) is one line naming the store, not a traceback; a training job's checkpoint is
+    kept, so the same command resumes once the store works again."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except CtanError:
+        raise
+    except (MlflowException, SQLAlchemyError, sqlite3.Error, OSError) as err:
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CtanError(
+            mlflow.get_tracking_uri(),
+            f"logging to the MLflow store failed: {problem}; fix the store (or {_uri_setting()}) and run "
+            "the same command again (training resumes from its last checkpoint)",
+        ) from None
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
@@ -228,16 +365,19 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
     clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        with _logging_to(mlflow):
+            mlflow.log_metrics(clean, step=step)
 
 
 def log_params(params: dict[str, Any]) -> None:
     import mlflow
 
-    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    with _logging_to(mlflow):
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
 
 def log_artifact(path: str, artifact_path: str | None = None) -> None:
     import mlflow
 
-    mlflow.log_artifact(path, artifact_path=artifact_path)
+    with _logging_to(mlflow):
+        mlflow.log_artifact(path, artifact_path=artifact_path)

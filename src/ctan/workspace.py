@@ -6,7 +6,7 @@ letters, digits or ``_``. The schema (``params.schema.yaml``: ``datasets`` prope
 ``run.datasets``), the CLI and Snakemake's wildcard constraints all accept exactly `NAME_PATTERN`, and
 every output path the package builds from a name goes through `inside`, which refuses a path that
 resolves outside its configured folder (a ``..`` component, an absolute part, or a symbolic link that
-leads elsewhere).
+leads elsewhere) or that a file stands in the way of.
 """
 
 from __future__ import annotations
@@ -41,4 +41,9 @@ def inside(root: str | Path, *parts: str) -> Path:
     resolved, top = path.resolve(), root.resolve()
     if resolved == top or not resolved.is_relative_to(top):
         raise CtanError(path, f"resolves outside its configured folder {root}; refusing to write there")
+    for folder in (*reversed(path.parents), path):  # every one of them must be (or become) a folder
+        if folder.exists() and not folder.is_dir():
+            raise CtanError(
+                folder, f"is a file where ctan keeps the folder {path}; move the file away (or rename it)"
+            )
     return path
