@@ -7,7 +7,6 @@ A `CtanError` becomes one line on stderr (`ctan: error: FILE: problem`) and exit
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -48,13 +47,13 @@ def _threads(text: str) -> int:
 
 def _nearest_folder(path: Path) -> None:
     """Refuse an output path that no folder can hold: under a file, or in a folder we cannot write."""
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CtanError(path, f"cannot be written: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise CtanError(path, f"cannot be written: no permission to write in {parent}")
-            return
+    from ctan.workspace import blocking_parent
+
+    blocked = blocking_parent(path)
+    if blocked and blocked[1] == "file":
+        raise CtanError(path, f"cannot be written: {blocked[0]} is a file, not a folder")
+    if blocked:
+        raise CtanError(path, f"cannot be written: no permission to write in {blocked[0]}")
 
 
 def _output_file(text: str) -> Path:

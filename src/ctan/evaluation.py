@@ -476,7 +476,7 @@ def _plot_median_case(settings, arch, seed, tasks, test_set, store, pred_dir, pe
     targets = {t.name: item[t.name].numpy() for t in tasks}
     names = list(read_manifest(settings.preprocessed_dir).get("structure_names", []))
     title = f"{settings.name} · {arch} · seed {seed}: {phrase}"
-    world = getattr(get_reader(settings.format), "WORLD", None)
+    world = get_reader(settings.format).WORLD
     flips = axial_flips(store.case_attrs(case_id).get("direction") or (), world) if world else None
     plot_examples(
         item["image"].numpy(),

@@ -65,5 +65,5 @@ def predict_volume(
         )
         blended.pop("", None)
         means = {name: torch.cat(outs).mean(dim=0, keepdim=True) for name, outs in image_level.items()}
-        outputs.append({**{k: torch.as_tensor(v) for k, v in blended.items()}, **means})
+        outputs.append({**blended, **means})
     return {name: torch.cat([o[name] for o in outputs]) for name in outputs[0]}

@@ -34,6 +34,9 @@ from ctan.errors import CtanError
 
 LOCK_TIMEOUT_S = 600  # longest wait for another job that is creating the store
 PROBE_TIMEOUT_S = 10  # longest wait for an MLflow server to answer before any work starts
+# Servers that answered in this process: the CLI probes before any work and `init_tracking` checks again
+# inside the run; one request to a server that answered a moment ago is enough.
+_ANSWERED: set[str] = set()
 # MLflow 3 records what an experiment is in this tag (its UI's experiment-type selector writes the
 # same): ours is model training, not GenAI. MLflow 3.17's UI nevertheless opens every experiment on
 # the view of its "GenAI | Model training" switch (GenAI's empty Overview by default, remembered per
@@ -67,8 +70,9 @@ def check_tracking(params: dict[str, Any]) -> None:
     db = sqlite_file(uri)
     if db is not None:
         _check_writable(db)
-    elif uri.split("://", 1)[0].lower() in ("http", "https"):
+    elif uri.split("://", 1)[0].lower() in ("http", "https") and uri not in _ANSWERED:
         _check_server(uri)
+        _ANSWERED.add(uri)
 
 
 def _check_writable(db: Path) -> None:
@@ -79,13 +83,13 @@ def _check_writable(db: Path) -> None:
             raise CtanError(db, f"is a folder, not an MLflow (SQLite) database; {fix}")
         if not os.access(db, os.R_OK | os.W_OK):
             raise CtanError(db, f"the MLflow store is read-only (training and evaluation write to it); {fix}")
-    for folder in db.absolute().parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise CtanError(db, f"cannot create the MLflow store's folder: {folder} is a file; {fix}")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise CtanError(db, f"the MLflow store's folder {folder} is read-only; {fix}")
-            return
+    from ctan.workspace import blocking_parent
+
+    blocked = blocking_parent(db)
+    if blocked and blocked[1] == "file":
+        raise CtanError(db, f"cannot create the MLflow store's folder: {blocked[0]} is a file; {fix}")
+    if blocked:
+        raise CtanError(db, f"the MLflow store's folder {blocked[0]} is read-only; {fix}")
 
 
 def _check_server(uri: str) -> None:

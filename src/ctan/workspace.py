@@ -11,6 +11,7 @@ leads elsewhere) or that a file stands in the way of.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,6 +19,19 @@ from ctan.errors import CtanError
 
 NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_]*"
 _NAME = re.compile(NAME_PATTERN)
+
+
+def blocking_parent(path: Path) -> tuple[Path, str] | None:
+    """Why no file or folder can be made at ``path``: ``(its nearest existing parent, "file")`` when that
+    parent is a file, ``(parent, "read-only")`` when it cannot be written; None when it can."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return parent, "file"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return parent, "read-only"
+            return None
+    return None
 
 
 def check_name(kind: str, name: str) -> str:
