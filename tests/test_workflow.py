@@ -199,6 +199,17 @@ def test_config_on_the_command_line_is_refused(copy: Path) -> None:
     assert "--configfile" in out.stdout + out.stderr
 
 
+def test_a_bad_parameter_file_is_named_with_the_clis_hint_before_any_job(copy: Path) -> None:
+    """The workflow reads the parameter files as `ctan` does: the error names the file that set the
+    bad value and suggests the key, instead of Snakemake's schema message on the merged config."""
+    (copy / "override.yaml").write_text("training: {epoch: 3}\n")
+    out = snakemake(copy, "--dry-run", "--configfile", "override.yaml", check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "override.yaml" in said and "did you mean 'epochs'?" in said
+    assert "Job stats" not in said
+
+
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"

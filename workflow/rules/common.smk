@@ -14,15 +14,12 @@ from snakemake.utils import validate
 from ctan.models import ARCHITECTURES
 from ctan.config import dataset_settings, external_sets
 from ctan.layout import SINGLE_TASK, choice_path, model_files
+from ctan.config import load_params
 from ctan.config import validate as validate_params
 
 
 report: "../report/workflow.rst"
 
-
-# JSON Schema first (names the offending key), then ctan's cross-checks (run.datasets exist).
-validate(config, "../schemas/params.schema.yaml")
-validate_params(config, source="snakemake config")
 
 if workflow.config_settings.config:
     raise WorkflowError(
@@ -55,6 +52,13 @@ class ParamArgs:
     def __str__(self) -> str:
         return " ".join(f"--params {shlex.quote(f)}" for f in self.files)
 
+
+# The parameter files as the `ctan` CLI reads them first: an error names the file that set the bad
+# value, with the CLI's hints (a misspelt key's suggestion, YAML 1.1's `1e-3` read as text); then the
+# merged config Snakemake holds: JSON Schema (names the offending key) and ctan's cross-checks.
+load_params(parameter_files())
+validate(config, "../schemas/params.schema.yaml")
+validate_params(config, source="snakemake config")
 
 PARAMS = ParamArgs(parameter_files())
 PATHS = {"raw": "data/raw", "preprocessed": "data/preprocessed", "models": "models", "results": "results"}
