@@ -5,6 +5,7 @@
     python benchmarks/models.py --profile ctan --datasets stoic_demo   # where the time goes
     python benchmarks/models.py --params params.yaml --params config/real-sample.yaml \
         --threads 1 --archs hps ctan mtan                                # real-sample shapes
+    python benchmarks/models.py ... --compile        # the same, every model through torch.compile
 
 Configurations come from params.yaml, or from several --params files merged in order as the `ctan`
 CLI merges them (shape, batch size, width, depth, attention heads). The
@@ -180,16 +181,26 @@ def step_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def step_times(
-    cfg: Config, archs: list[str], steps: int, device: str
+    cfg: Config, archs: list[str], steps: int, device: str, compile: bool = False
 ) -> tuple[dict[str, float], dict[str, int], float]:
     """Median fwd+bwd seconds per architecture, timed round-robin so that load from other processes
     on a shared machine hits every architecture alike; the step FLOPs of each; and the median fp32
-    matmul FLOP/s, measured once per round between the architectures."""
+    matmul FLOP/s, measured once per round between the architectures.
+
+    ``compile``: each model goes through ``torch.compile`` (FLOPs counted on the eager model); the
+    first step, which compiles (or loads inductor's on-disk cache), is timed and printed."""
     setups = {a: setup(cfg, a, device) for a in archs}
     flops = {}
-    for a, (model, x) in setups.items():
+    for a, (model, x) in list(setups.items()):
         training_step(model, x)  # warm-up: allocator, oneDNN primitive cache
         flops[a] = step_flops(model, x)
+        if compile:
+            compiled = torch.compile(model, dynamic=False)  # each configuration its own shapes
+            t0 = time.perf_counter()
+            training_step(compiled, x)
+            print(f"{cfg.name} {a}: first compiled step {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            training_step(compiled, x)
+            setups[a] = (compiled, x)
     times: dict[str, list[float]] = {a: [] for a in archs}
     matmul: list[float] = []
     for _ in range(steps):
@@ -313,6 +324,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7, help="timed steps per architecture, after a warm-up")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="time every model through torch.compile (inductor); its first step's compile time goes "
+        "to stderr; peak memory is not measured",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -333,11 +350,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the ctan commands run (ctan.device)
-    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, {args.steps} steps\n")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}, ", end="")
+    print(f"{args.steps} steps{compiled}\n")
     times, rates, mems, ratios = [], [], [], []
     for cfg in configs:
-        seconds, flops, matmul = step_times(cfg, args.archs, args.steps, args.device)
-        peak = {a: measure_memory(cfg, a, args.threads, args.device) for a in args.archs}
+        seconds, flops, matmul = step_times(cfg, args.archs, args.steps, args.device, args.compile)
+        peak = {}
+        if not args.compile:
+            peak = {a: measure_memory(cfg, a, args.threads, args.device) for a in args.archs}
         label = f"{describe(cfg)}, batch {cfg.batch_size}"
         times.append([label] + [f"{seconds[a] * 1000:.0f}" for a in args.archs])
         achieved = {a: flops[a] / seconds[a] for a in args.archs}
@@ -345,7 +366,7 @@ def main() -> None:
             [label, f"{matmul / 1e9:.0f}"]
             + [f"{achieved[a] / 1e9:.1f} ({100 * achieved[a] / matmul:.0f} %)" for a in args.archs]
         )
-        mems.append([label] + [f"{peak[a]:.0f}" for a in args.archs])
+        mems.append([label] + [f"{peak.get(a, float('nan')):.0f}" for a in args.archs])
         if "ctan" in seconds and "hps" in seconds:
             ratios.append(
                 [
@@ -359,8 +380,9 @@ def main() -> None:
     print(markdown(["configuration", *args.archs], times))
     print("\nAchieved GFLOP/s of a training step (share of an fp32 matmul's in the same process)\n")
     print(markdown(["configuration", f"fp32 matmul {MATMUL_SIZE}²", *args.archs], rates))
-    print("\nPeak memory of a training step beyond model and batch (RSS or CUDA allocated), MiB\n")
-    print(markdown(["configuration", *args.archs], mems))
+    if not args.compile:
+        print("\nPeak memory of a training step beyond model and batch (RSS or CUDA allocated), MiB\n")
+        print(markdown(["configuration", *args.archs], mems))
     if ratios:
         print("\nCTAN / HPS\n")
         print(markdown(["dataset", "step time", "training-step FLOPs"], ratios))
