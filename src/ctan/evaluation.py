@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from ctan.manifest import read_manifest
 from ctan.provenance import code_version, file_sha256, machine
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
+from ctan.workspace import partial_folder
 
 # Targets whose name marks them as dose targets in bring-your-own cases (DVH: D99, D95, D1).
 TARGET_PREFIXES = ("PTV", "CTV", "GTV")
@@ -251,9 +250,7 @@ def evaluate(
     final = results_dir(data, arch, seed)
     # All or nothing: the results are built in a hidden sibling folder and swapped into place only when
     # complete, so a failure keeps the previous results and leaves no partial folder behind.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
+    with partial_folder(final) as work:
         out = work / final.name
         _evaluate_into(
             out, params, settings, data, manifest, tasks, arch, seed, dev, on, models, model_hashes
@@ -261,8 +258,6 @@ def evaluate(
         if final.exists():
             os.replace(final, work / "replaced")
         os.replace(out, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return final / "metrics.json"
 
 

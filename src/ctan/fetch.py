@@ -44,7 +44,6 @@ import re
 import shutil
 import stat
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -57,6 +56,7 @@ from tqdm import tqdm
 from ctan.config import DatasetSettings
 from ctan.errors import CtanError
 from ctan.provenance import file_sha256, tree_listing
+from ctan.workspace import partial_folder
 
 SOURCE_JSON = "source.json"
 OFFICIAL_SOURCES = {
@@ -431,10 +431,8 @@ def download_dataset(
         print(f"{raw_dir}: already holds {source} (sha256 {digest[:12]}…); nothing to do")
         return raw_dir
 
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}.partial-", dir=raw_dir.parent))
-    data = work / "data"
-    try:
+    with partial_folder(raw_dir) as work:
+        data = work / "data"
         data.mkdir()
         if kind == "demo":
             from ctan.datasets.demo import generate
@@ -474,7 +472,5 @@ def download_dataset(
         }
         (data / SOURCE_JSON).write_text(json.dumps(record, indent=1) + "\n")
         _install(work, data, raw_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(f"{raw_dir}: {n_cases} cases from {source}")
     return raw_dir

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from ctan.manifest import MANIFEST, build_manifest, case_entry, write_manifest
 from ctan.preprocess.plan import build_plan, fingerprint, write_plan
 from ctan.preprocess.resample import resample_case
 from ctan.provenance import file_sha256
+from ctan.workspace import partial_folder
 
 DEFAULT_CT_WINDOW = [-1000.0, 1000.0]
 
@@ -250,16 +249,14 @@ def preprocess_dataset(
         if spatial_dims == 3
         else {"scale": 255}
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    data = work / "data"
     entries: list[dict[str, Any]] = []
     labels: dict[str, list[dict[str, int]]] = {}  # per split, each case's image-level labels
     channels: set[int] = set()
     source_spacings: list[list[float]] = []
     source_shapes: list[list[int]] = []
     total = sum(len(r) for r in by_split.values())
-    try:
+    with partial_folder(out) as work:
+        data = work / "data"
         data.mkdir()
         with tqdm(total=total, desc=f"preprocess {settings.name}", unit="case", disable=None) as bar:
             for split, refs in by_split.items():
@@ -321,8 +318,6 @@ def preprocess_dataset(
         if out.exists():
             os.replace(out, work / "replaced")
         os.replace(data, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     counts = ", ".join(f"{len(r)} {s}" for s, r in by_split.items())
     print(f"{out}: {total} cases ({counts}) in {time.perf_counter() - started:.1f} s")
     for note in [*notes, *absent_classes(labels, [reader.TASKS[t] for t in settings.tasks])]:

@@ -25,12 +25,14 @@ from torch import nn
 
 from ctan.errors import CtanError
 from ctan.provenance import file_sha256
+from ctan.workspace import temporary
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """Write next to the target and rename, so a job killed mid-write leaves the previous checkpoint."""
+    """Write next to the target and rename, so a job killed mid-write leaves the previous checkpoint (and
+    a temporary that `ctan.workspace.sweep_temporaries` removes when the folder is trained next)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -58,11 +60,11 @@ def save_model(obj: dict[str, Any], path: Path) -> str:
     renames, which `verify` then reports like any damage).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary(path)
     torch.save(obj, tmp)
     digest = file_sha256(tmp)
     record = digest_path(path)
-    record_tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
+    record_tmp = temporary(record)
     record_tmp.write_text(f"{digest}  {path.name}\n")
     os.replace(record_tmp, record)
     os.replace(tmp, path)

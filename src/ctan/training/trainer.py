@@ -30,6 +30,7 @@ from ctan.training import checkpoint
 from ctan.training.losses import task_loss
 from ctan.training.selection import classification_metrics, improves, selection_score
 from ctan.training.weighting import build_weighting
+from ctan.workspace import exclusive, sweep_temporaries
 
 
 class NonFiniteLoss(CtanError):
@@ -234,68 +235,73 @@ def train(
     cfg = training_values(settings, arch, task, tuned)
     out = Path(out) if out is not None else model_dir(settings, arch, seed, task)
     out.mkdir(parents=True, exist_ok=True)
-    dev = pick_device(device)
-    identity = run_identity(settings, manifest, arch, seed, tasks, cfg)
-    config_hash = params_hash(identity)
-    code_hash = checkpoint.code_hash()
+    # One writer per model folder: the same job started twice (Snakemake and `dvc repro`, two Snakemake
+    # runs) would resume and rewrite the same checkpoint and model.
+    with exclusive(out, "ctan train"):
+        sweep_temporaries(out)  # a killed run's half-written checkpoint or model (the lock keeps it safe)
+        dev = pick_device(device)
+        identity = run_identity(settings, manifest, arch, seed, tasks, cfg)
+        config_hash = params_hash(identity)
+        code_hash = checkpoint.code_hash()
 
-    seed_everything(seed)
-    train_set, val_set = splits(settings, manifest, tasks, cfg, seed)
-    seed_everything(seed)
-    model, model_config = model_for(arch, tasks, settings, manifest, int(train_set[0]["image"].shape[0]))
-    layout = memory_format(cfg.get("channels_last", False), model_config["spatial_dims"])
-    model = model.to(dev).to(memory_format=layout)
-    precision = cfg.get("precision", "auto")
-    _check_cpu_bf16(dev, precision)
-    state = fresh_state(model, tasks, cfg, dev)
-    fixed_shape = (manifest.get("plan") or {}).get("shape") is not None
-    train_loader, val_loader = loaders(train_set, val_set, cfg, seed, fixed_shape)
-    ckpt_path = out / "checkpoint.pt"
-    if said := state.resume(ckpt_path, config_hash, code_hash, cfg["epochs"]):
-        print(said)
+        seed_everything(seed)
+        train_set, val_set = splits(settings, manifest, tasks, cfg, seed)
+        seed_everything(seed)
+        model, model_config = model_for(arch, tasks, settings, manifest, int(train_set[0]["image"].shape[0]))
+        layout = memory_format(cfg.get("channels_last", False), model_config["spatial_dims"])
+        model = model.to(dev).to(memory_format=layout)
+        precision = cfg.get("precision", "auto")
+        _check_cpu_bf16(dev, precision)
+        state = fresh_state(model, tasks, cfg, dev)
+        fixed_shape = (manifest.get("plan") or {}).get("shape") is not None
+        train_loader, val_loader = loaders(train_set, val_set, cfg, seed, fixed_shape)
+        ckpt_path = out / "checkpoint.pt"
+        if said := state.resume(ckpt_path, config_hash, code_hash, cfg["epochs"]):
+            print(said)
 
-    label = tracking.run_name(dataset, arch, seed, task, tuning=not tuned)
-    tags = {
-        **run_tags(dataset, arch, seed, task),
-        "data_hash": manifest["data_hash"],
-        "config_hash": config_hash,
-    }
-    with tracking.training_run(params, label, tags, run_id=state.run_id) as run:
-        state.run_id = run.info.run_id
-        if state.epoch == 0:
-            tracking.log_params(
-                {
-                    **{f"training.{k}": v for k, v in cfg.items()},
-                    **{f"model.{k}": v for k, v in model_config.items()},
-                    "tasks": ",".join(t.name for t in tasks),
-                }
-            )
-        bar = tqdm(
-            range(state.epoch + 1, cfg["epochs"] + 1),
-            desc=label,
-            initial=state.epoch,
-            total=cfg["epochs"],
-            disable=None,
-        )
-        for epoch in bar:
-            try:
-                record = train_one_epoch(
-                    state, tasks, train_loader, val_loader, epoch, dev, precision, layout
+        label = tracking.run_name(dataset, arch, seed, task, tuning=not tuned)
+        tags = {
+            **run_tags(dataset, arch, seed, task),
+            "data_hash": manifest["data_hash"],
+            "config_hash": config_hash,
+        }
+        with tracking.training_run(params, label, tags, run_id=state.run_id) as run:
+            state.run_id = run.info.run_id
+            if state.epoch == 0:
+                tracking.log_params(
+                    {
+                        **{f"training.{k}": v for k, v in cfg.items()},
+                        **{f"model.{k}": v for k, v in model_config.items()},
+                        "tasks": ",".join(t.name for t in tasks),
+                    }
                 )
-            except NonFiniteLoss as err:  # named by the model folder, which gets no model.pt
-                raise NonFiniteLoss(out, err.epoch, err.step, err.what) from None
-            best = state.history[state.best_epoch - 1] if state.best_epoch else None
-            state.add(record, better=best is not None and improves(record, best))
-            tracking.log_metrics(_flatten_record(record), step=epoch)
-            bar.set_postfix(
-                train=f"{record['train_loss']['total']:.3f}",
-                val=f"{record['val_loss']['total']:.3f}",
-                best=state.best_epoch,
+            bar = tqdm(
+                range(state.epoch + 1, cfg["epochs"] + 1),
+                desc=label,
+                initial=state.epoch,
+                total=cfg["epochs"],
+                disable=None,
             )
-            if not sys.stderr.isatty():  # a batch log (Snakemake, SLURM): no progress bar, one line an epoch
-                print(_epoch_line(record, cfg["epochs"], state.best_epoch), file=sys.stderr, flush=True)
-            state.save(ckpt_path, config_hash, code_hash)
-        write_model(out, dev, state, model_config, tasks, config_hash, identity, params)
+            for epoch in bar:
+                try:
+                    record = train_one_epoch(
+                        state, tasks, train_loader, val_loader, epoch, dev, precision, layout
+                    )
+                except NonFiniteLoss as err:  # named by the model folder, which gets no model.pt
+                    raise NonFiniteLoss(out, err.epoch, err.step, err.what) from None
+                best = state.history[state.best_epoch - 1] if state.best_epoch else None
+                state.add(record, better=best is not None and improves(record, best))
+                tracking.log_metrics(_flatten_record(record), step=epoch)
+                bar.set_postfix(
+                    train=f"{record['train_loss']['total']:.3f}",
+                    val=f"{record['val_loss']['total']:.3f}",
+                    best=state.best_epoch,
+                )
+                # A batch log (Snakemake, SLURM): no progress bar, one line an epoch.
+                if not sys.stderr.isatty():
+                    print(_epoch_line(record, cfg["epochs"], state.best_epoch), file=sys.stderr, flush=True)
+                state.save(ckpt_path, config_hash, code_hash)
+            write_model(out, dev, state, model_config, tasks, config_hash, identity, params)
     return [out]
 
 
@@ -506,22 +512,16 @@ def write_model(
     identity: dict[str, Any],
     params: dict[str, Any],
 ) -> None:
-    """What later stages read: the kept epoch's weights (model.pt + its SHA-256), history.json,
-    run.json (the MLflow run) and the learning curves, also logged to MLflow."""
+    """What later stages read: history.json, run.json (the MLflow run), the learning curves, also logged
+    to MLflow, and last the kept epoch's weights (model.pt + its SHA-256)."""
     from ctan import tracking
-
-    final = {
-        "model_config": model_config,
-        "tasks": [t.to_dict() for t in tasks],
-        "state_dict": state.best_model,
-        "best_epoch": state.best_epoch,
-        "config_hash": config_hash,
-        "data_hash": identity["data_hash"],
-        "identity": identity,  # what config_hash is the hash of: `ctan evaluate` names what differs
-    }
-    checkpoint.save_model(final, out / "model.pt")
     from ctan.provenance import machine
 
+    # model.pt is the mark of a finished folder (Snakemake and DVC key on it), so it is written last, and
+    # an earlier run's is removed first: a run killed in here leaves no model.pt beside another run.json.
+    model_path = out / "model.pt"
+    model_path.unlink(missing_ok=True)
+    checkpoint.digest_path(model_path).unlink(missing_ok=True)
     history = {"epochs": state.history, "best_epoch": state.best_epoch, "machine": machine(str(dev))}
     (out / "history.json").write_text(json.dumps(history, indent=1))
     (out / "run.json").write_text(
@@ -535,7 +535,17 @@ def write_model(
     except ImportError:
         pass
     tracking.log_metrics({"best_epoch": state.best_epoch, "best_selection_score": state.best_score})
-    tracking.log_artifact(str(out / "model.pt"), artifact_path="model")
+    final = {
+        "model_config": model_config,
+        "tasks": [t.to_dict() for t in tasks],
+        "state_dict": state.best_model,
+        "best_epoch": state.best_epoch,
+        "config_hash": config_hash,
+        "data_hash": identity["data_hash"],
+        "identity": identity,  # what config_hash is the hash of: `ctan evaluate` names what differs
+    }
+    checkpoint.save_model(final, model_path)
+    tracking.log_artifact(str(model_path), artifact_path="model")
 
 
 def _epoch_line(record: dict[str, Any], epochs: int, best_epoch: int) -> str:
