@@ -10,7 +10,8 @@ Layout (the official Harvard Dataverse release, also the ISIC 2018 task 3 traini
 Images and masks need not share a size (our real sample pairs 200×150 JPGs with 600×450 masks): the
 mask is brought to the image grid with nearest-neighbour resampling, so one case has one grid; the
 preprocess step then resizes both to the configured shape. A mask whose aspect ratio differs from its
-image's is refused, since it cannot belong to it.
+image's is refused, since it cannot belong to it. A picture is read upright, as viewers show it: a
+camera's JPG whose EXIF orientation turns its stored pixels is turned (the release's have none).
 
 Several images can show the same lesion, so the split is by ``lesion_id``: deterministic from the split
 parameters ``{validation, test, seed}`` and stratified by diagnosis where the counts allow.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
@@ -45,6 +46,7 @@ MASK_FOLDER = "HAM10000_segmentations_lesion_tschandl"
 SPLIT_FILE = "split.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios still taken as the same picture
+EXIF_ORIENTATION = 0x0112  # 1: stored upright; 2-8: viewers flip or turn the stored pixels
 
 TASKS: dict[str, Task] = {
     "lesion": Task(
@@ -171,11 +173,26 @@ def _load(path: Path, mode: str) -> np.ndarray:
             im.load()
             if mode == "RGB" and im.mode in ("I", "I;16", "I;16B", "F"):  # RGB of them: clipped, white
                 raise CtanError(path, f"a {im.mode} (16/32-bit) image; HAM10000's are 8-bit: convert it")
-            return np.asarray(im.convert(mode))
+            # As viewers and annotation tools show it: a camera's JPG may store its pixels rotated.
+            upright = ImageOps.exif_transpose(im)
+            return np.asarray(upright.convert(mode))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CtanError(path, f"not a readable image: {err}") from None
     except Image.DecompressionBombError as err:  # a header claiming a huge size: damaged, or not a photo
         raise CtanError(path, f"not a readable image: {err} (damaged header?)") from None
+
+
+def _mismatch(image_file: Path) -> str:
+    """Why a mask's aspect ratio is not its picture's: another picture, or one drawn on a camera JPG's
+    stored pixels while the picture is read upright by its EXIF orientation."""
+    with Image.open(image_file) as im:
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (5, 6, 7, 8):
+        return (
+            f"the image is turned upright by its EXIF orientation ({orientation}: a quarter turn), as "
+            "viewers show it; the mask was drawn on the stored pixels? turn the mask to the picture as shown"
+        )
+    return "not the same picture"
 
 
 def lesion_of(mask: np.ndarray, path: Path) -> np.ndarray:
@@ -193,7 +210,15 @@ def lesion_of(mask: np.ndarray, path: Path) -> np.ndarray:
         )
     if low == high:
         return np.ones(mask.shape, dtype=bool)
-    return mask > threshold_otsu(mask)
+    lesion = mask > threshold_otsu(mask)
+    border = np.concatenate([lesion[0], lesion[-1], lesion[:, 0], lesion[:, -1]])
+    if border.all():  # a lesion fills the frame, or is enclosed by skin: never skin enclosed by lesion
+        raise CtanError(
+            path,
+            f"the lesion (white) covers the whole image border and surrounds {int((~lesion).sum())} "
+            "background pixel(s): an inverted mask (lesion black on white)? invert it",
+        )
+    return lesion
 
 
 def read_case(root: Path, ref: CaseRef) -> Case:
@@ -208,7 +233,7 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     h, w = rgb.shape[:2]
     mh, mw = mask.shape
     if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
-        raise CtanError(mask_file, f"mask is {mw}x{mh} but the image is {w}x{h}: not the same picture")
+        raise CtanError(mask_file, f"mask is {mw}x{mh} but the image is {w}x{h}: {_mismatch(image_file)}")
     lesion = lesion_of(mask, mask_file)
     if (mh, mw) != (h, w):
         lesion = resize(lesion, (h, w), order=0, preserve_range=True, anti_aliasing=False)

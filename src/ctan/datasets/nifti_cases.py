@@ -91,11 +91,11 @@ def _nifti_name(filename: str) -> str | None:
 
 
 def _nifti_file(folder: Path, name: str) -> Path:
-    """``folder/name.nii.gz``, or ``.nii`` where only that exists."""
-    for suffix in NIFTI_SUFFIXES:
-        if (folder / f"{name}{suffix}").is_file():
-            return folder / f"{name}{suffix}"
-    return folder / f"{name}{NIFTI_SUFFIXES[0]}"
+    """``folder/name.nii.gz``, or ``.nii`` where only that exists; both is refused (which one is it?)."""
+    found = [path for path in (folder / f"{name}{suffix}" for suffix in NIFTI_SUFFIXES) if path.is_file()]
+    if len(found) > 1:  # e.g. left by `gunzip -k`, or an older export beside a newer one
+        raise CtanError(found[1], f"{found[0].name} is there too: keep one of the two")
+    return found[0] if found else folder / f"{name}{NIFTI_SUFFIXES[0]}"
 
 
 def _case_folders(root: Path) -> list[Path]:
@@ -105,6 +105,13 @@ def _case_folders(root: Path) -> list[Path]:
     folders = sorted(p for p in cases.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise CtanError(cases, "no case folders")
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        other = seen.setdefault(folder.name.casefold(), folder)
+        if other != folder:  # one folder on macOS and Windows; the same patient exported twice?
+            raise CtanError(
+                folder, f"differs from case {other.name!r} only in letter case: the same case twice? keep one"
+            )
     return folders
 
 
@@ -175,7 +182,7 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
         zlib.error,
     ) as err:
         raise CtanError(path, f"not a readable NIfTI file: {err}") from None
-    if len(image.shape) == 4 and image.shape[3] == 1:
+    while len(image.shape) > 3 and image.shape[-1] == 1:  # (x, y, z, 1) or (x, y, z, 1, 1): one volume
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
         raise CtanError(path, f"expected a 3D volume, found shape {image.shape}")
@@ -200,10 +207,33 @@ def _load(path: Path) -> nib.spatialimages.SpatialImage:
             "says nothing of where its voxels are (qform and sform codes both 0); write it with an "
             "orientation (e.g. SimpleITK or nibabel with an affine, sform code 1 or 2)",
         )
+    if "qform_code" in header and int(header["sform_code"]) == 0:
+        _check_qform_voxel_sizes(path, image)
     if image.get_data_dtype().names:  # RGB(A) NIfTI: structured voxels
         kinds = ", ".join(image.get_data_dtype().names)
         raise CtanError(path, f"voxels hold {kinds} (RGB?); a CT, dose or mask has one value a voxel")
+    if image.get_data_dtype().kind == "c":  # nibabel would drop the imaginary part with a warning
+        raise CtanError(path, f"voxels are complex ({image.get_data_dtype()}); a CT, dose or mask is real")
     return image
+
+
+def _check_qform_voxel_sizes(path: Path, image: nib.spatialimages.SpatialImage) -> None:
+    """A qform (the affine in use without an sform) scales by pixdim: nibabel reads a zero voxel size as
+    1 mm and a negative one as its absolute value (fixing its header copy, so the file's own is read),
+    niftilib (ITK) reads both as 1 mm. Either way the spacing would be made up."""
+    try:
+        with nib.openers.ImageOpener(path) as fh:
+            raw = type(image.header).from_fileobj(fh, check=False)
+    except (OSError, EOFError, ValueError, zlib.error) as err:
+        raise CtanError(path, f"not a readable NIfTI file: {err}") from None
+    sizes = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if not (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+        raise CtanError(
+            path,
+            f"voxel sizes (pixdim) {', '.join(f'{v:g}' for v in sizes)} mm are not all positive, and its "
+            "qform (no sform) places the voxels by them: a reader would make up the spacing; write "
+            "the true voxel sizes",
+        )
 
 
 def _binary(image: nib.spatialimages.SpatialImage, path: Path) -> np.ndarray:

@@ -368,12 +368,11 @@ def read_case(root: Path, ref: CaseRef) -> Case:
     possible = _dense(idx, 1, np.uint8)
 
     structures = np.zeros((len(STRUCTURES), GRID[2], GRID[0], GRID[1]), dtype=np.uint8)
-    present = []
+    present = []  # a header-only CSV is no contour: nothing to score, as the challenge's DVH scorer skips it
     for c, name in enumerate(STRUCTURES):
-        present.append(name in csvs)
-        if name in csvs:
-            idx, _ = read_sparse(csvs[name], with_values=False)
-            _dense(idx, 1, np.uint8, out=structures[c])
+        idx = read_sparse(csvs[name], with_values=False)[0] if name in csvs else np.empty(0, np.int64)
+        _dense(idx, 1, np.uint8, out=structures[c])
+        present.append(bool(len(idx)))
 
     return Case(
         case_id=ref.case_id,

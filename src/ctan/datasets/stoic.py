@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,8 +122,15 @@ def list_cases(root: Path, split_params: dict | None = None) -> list[CaseRef]:
 
 
 def _missing(patient_id: str, names: set[str]) -> str:
-    """ "missing", naming the file probably meant where one differs in case or extension (1.MHA, 1.mhd)."""
-    near = sorted(n for n in names if n.split(".", 1)[0].casefold() == patient_id.casefold())
+    """ "missing", naming the file probably meant where one differs in case or extension (1.MHA, 1.mhd)
+    or in leading zeros (0007.mha for 7: a spreadsheet drops them from a PatientID column)."""
+
+    def same(stem: str) -> bool:
+        return stem.casefold() == patient_id.casefold() or (
+            stem.isdigit() and patient_id.isdigit() and int(stem) == int(patient_id)
+        )
+
+    near = sorted(n for n in names if same(n.split(".", 1)[0]))
     hint = f"; found {near[0]}: the release's volumes are <PatientID>.mha, one file each" if near else ""
     return f"missing (listed in metadata/reference.csv){hint}"
 
@@ -149,23 +157,71 @@ def _mha_header(path: Path) -> tuple[dict[str, str], int] | None:
 
 
 def _check_mha(path: Path, header: tuple[dict[str, str], int] | None, data_bytes: int) -> None:
-    """Refuse what ITK reads without a word: no voxel spacing (it assumes 1 mm), or more voxel data
-    than the header's DimSize and ElementType hold (it reads the first voxels: DimSize wrong?)."""
+    """Refuse what ITK reads without a word: no voxel spacing (it assumes 1 mm), or voxel data of
+    another size than the header's DimSize and ElementType describe. ITK reads the first voxels of
+    more data (slices dropped) and, from compressed data that inflates to less, leaves the rest of the
+    volume as whatever memory held (slices of garbage)."""
     if header is None:
         return
     keys, offset = header
     if "elementspacing" not in keys and "elementsize" not in keys:
         raise CtanError(path, "the header gives no ElementSpacing: ITK would take 1 mm voxels; add it")
     _check_numbers(path, keys)
-    compressed = keys.get("compresseddata", "false").lower() == "true"
-    if keys.get("elementdatafile", "").upper() != "LOCAL" or compressed or "headersize" in keys:
+    if keys.get("elementdatafile", "").upper() != "LOCAL" or "headersize" in keys:
         return
-    stored = path.stat().st_size - offset
+    if keys.get("compresseddata", "false").lower() == "true":
+        stored, consumed = _inflated_size(path, offset)
+        _check_compressed_size(path, keys, consumed)
+        what = f"holds voxel data that inflates to {stored} bytes"
+    else:
+        stored = path.stat().st_size - offset
+        what = f"holds {stored} bytes of voxel data"
     if stored != data_bytes:
         raise CtanError(
+            path, f"{what}, but its header (DimSize, ElementType) describes {data_bytes}: a wrong DimSize?"
+        )
+
+
+INFLATE_CHUNK = 1 << 20
+
+
+def _inflated_size(path: Path, offset: int) -> tuple[int, int]:
+    """(bytes inflated, bytes of the file consumed) of the zlib (or gzip) stream after a MetaImage
+    header, inflated a chunk at a time (a CT's voxels are not held twice), as ITK's MetaIO inflates it."""
+    inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # 32: a zlib or gzip header, as MetaIO accepts
+    size = consumed = 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        try:
+            while not inflate.eof and (chunk := fh.read(INFLATE_CHUNK)):
+                consumed += len(chunk)
+                while chunk and not inflate.eof:
+                    size += len(inflate.decompress(chunk, INFLATE_CHUNK))
+                    chunk = inflate.unconsumed_tail
+        except zlib.error as err:
+            raise CtanError(
+                path, f"says CompressedData = True, but its voxel data is not zlib-compressed ({err})"
+            ) from None
+    if not inflate.eof:
+        raise CtanError(path, "its compressed voxel data ends early (file cut short?)")
+    return size, consumed - len(inflate.unused_data)
+
+
+def _check_compressed_size(path: Path, keys: dict[str, str], consumed: int) -> None:
+    """ITK inflates CompressedDataSize bytes: without the field, or with fewer bytes than the stream
+    holds, it prints "Uncompress failed" and returns a volume of garbage without an error."""
+    declared = keys.get("compresseddatasize")
+    if declared is None:
+        raise CtanError(
             path,
-            f"holds {stored} bytes of voxel data, but its header (DimSize, ElementType) describes "
-            f"{data_bytes}: a wrong DimSize?",
+            f"compressed, but the header gives no CompressedDataSize (ITK would read garbage): "
+            f"add 'CompressedDataSize = {consumed}' before ElementDataFile, or write it again with ITK",
+        )
+    if not declared.isdigit() or int(declared) < consumed:
+        raise CtanError(
+            path,
+            f"header field CompressedDataSize = {declared!r}, but its compressed voxel data is "
+            f"{consumed} bytes: ITK would inflate only part of it (garbage voxels); write it again with ITK",
         )
 
 
