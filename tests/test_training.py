@@ -220,7 +220,7 @@ def _trained_checkpoint(path: Path) -> None:
         loss.backward()
         state.optimizer.step()
         state.scheduler.step()
-        state.add({"epoch": epoch, "selection_score": -float(loss)}, better=True)
+        state.add({"epoch": epoch, "selection_score": -loss.item()}, better=True)
     state.save(path, "c", "k")
 
 
