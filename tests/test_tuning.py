@@ -163,6 +163,7 @@ def test_a_choice_made_for_other_settings_is_refused(prepared, tuned, section, k
 
 def test_a_choice_made_on_other_data_or_for_another_model_is_refused(prepared, tuned, tmp_path):
     from ctan.layout import choice_path
+    from ctan.training.tuning import tuned_values
 
     path, text = tuned
     settings = dataset_settings(_params(prepared, [0.001, 0.003]), "ham10000_demo")
@@ -170,6 +171,18 @@ def test_a_choice_made_on_other_data_or_for_another_model_is_refused(prepared, t
     try:
         path.write_text(json.dumps({**choice, "depends_on": {**choice["depends_on"], "data_hash": "0" * 64}}))
         assert "preprocessed data changed" in _refused(settings)
+        # Edited training code reruns `tune` in Snakemake and DVC; `ctan train` by hand agrees.
+        path.write_text(
+            json.dumps({**choice, "depends_on": {**choice["depends_on"], "training_code": "0" * 64}})
+        )
+        message = _refused(settings)
+        assert "the training code changed" in message and "older ctan" not in message, message
+        # Evaluation only reads which values a model was trained with: a code edit since is not its concern.
+        assert tuned_values(settings, "hps", same_code=False) == choice["chosen"]
+        before = {k: v for k, v in choice["depends_on"].items() if k != "training_code"}
+        path.write_text(json.dumps({**choice, "depends_on": before}))
+        assert "the training code changed (ctan's training" in (message := _refused(settings))
+        assert "made by an older ctan" in message, message
     finally:
         path.write_text(text)
     copied = choice_path(settings, "mtan")  # hps's choice copied into mtan's folder

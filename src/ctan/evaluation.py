@@ -115,7 +115,7 @@ def check_trained_on(
             f"holds now ({str(data_now)[:12]}); retrain it: `{how}`",
         )
     tasks = dataset_tasks(settings, manifest, only=network)
-    cfg = training_values(settings, arch, network, True)
+    cfg = training_values(settings, arch, network, True, same_code=False)
     current = run_identity(settings, manifest, arch, seed, tasks, cfg)
     expected = params_hash(current)
     if state.get("config_hash") == expected:

@@ -356,13 +356,16 @@ def identity_differences(recorded: Any, current: Any, prefix: str = "") -> list[
     return [] if recorded == current else [f"{prefix or 'value'}: {recorded!r} -> {current!r}"]
 
 
-def training_values(settings, arch: str, task: str | None, tuned: bool) -> dict[str, Any]:
-    """The dataset's training settings, with the tuning choice applied where there is one."""
+def training_values(
+    settings, arch: str, task: str | None, tuned: bool, same_code: bool = True
+) -> dict[str, Any]:
+    """The dataset's training settings, with the tuning choice applied where there is one
+    (``same_code``: `ctan.training.tuning.tuned_values`)."""
     if not tuned:
         return settings.training
     from ctan.training.tuning import tuned_values
 
-    return {**settings.training, **tuned_values(settings, arch, task)}
+    return {**settings.training, **tuned_values(settings, arch, task, same_code)}
 
 
 def splits(settings, manifest: dict[str, Any], tasks: list[Task], cfg: dict[str, Any], seed: int):

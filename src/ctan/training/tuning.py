@@ -11,8 +11,10 @@ applies it, and `ctan evaluate` copies it into metrics.json's provenance.
 A grid with one value per key needs no tuning jobs: the value is used as given.
 
 choice.json records what the choice depends on (``depends_on``: the grid, the tuning epochs and seed,
-the other training settings and the model settings the tuning runs used, the task definitions and the
-preprocessed data's ``data_hash``); `ctan train` refuses a choice made for anything else, and a damaged
+the other training settings and the model settings the tuning runs used, the task definitions, the
+preprocessed data's ``data_hash`` and the training code's hash, `checkpoint.code_hash`: the files whose
+edit reruns tuning in Snakemake and DVC, so that `ctan train` run by hand agrees with the engines);
+`ctan train` refuses a choice made for anything else, and a damaged
 one, with a one-line error naming the file and the `ctan tune` command that redoes it. A grid point
 whose training diverges (the trainer's ``NonFiniteLoss``) is recorded as failed, ranked below every
 trained point; the tuning fails only if every point diverges.
@@ -50,12 +52,16 @@ def needs_tuning(settings: DatasetSettings) -> bool:
     return any(len(values) > 1 for values in grid(settings).values())
 
 
-def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) -> dict[str, Any]:
+def tuned_values(
+    settings: DatasetSettings, arch: str, task: str | None = None, same_code: bool = True
+) -> dict[str, Any]:
     """The training values a job must use: the tuning choice where the grid has several points, else
     the ``training:`` values (the grid's one point).
 
     CtanError, naming choice.json and the `ctan tune` command to run, where the choice is missing,
-    damaged, or was made for other settings or data than the current ones."""
+    damaged, or was made for other settings or data than the current ones, or (``same_code``, for a
+    training about to apply it) with other training code. Evaluation reads only which values a model was
+    trained with, so a code edit since does not concern it."""
     if not needs_tuning(settings):
         return {k: values[0] for k, values in grid(settings).items()}
     path = choice_path(settings, arch, task)
@@ -76,7 +82,10 @@ def tuned_values(settings: DatasetSettings, arch: str, task: str | None = None) 
             path,
             f"records nothing of the settings and data it was made for (an older ctan); run `{how}` again",
         )
-    changes = _changes(choice["depends_on"], _depends_on(settings, arch, task))
+    now = _depends_on(settings, arch, task)
+    if not same_code:
+        now.pop("training_code")
+    changes = _changes(choice["depends_on"], now)
     if changes:
         what = "; ".join(changes)
         raise CtanError(path, f"stale: made for other settings or data ({what}); run `{how}` again")
@@ -89,12 +98,13 @@ def _tune_command(settings: DatasetSettings, arch: str, task: str | None) -> str
 
 
 def _depends_on(settings: DatasetSettings, arch: str, task: str | None) -> dict[str, Any]:
-    """What a tuning choice depends on: the grid and the tuning runs' settings, tasks and data.
+    """What a tuning choice depends on: the grid and the tuning runs' settings, tasks, data and code.
 
     ``training``: the settings every tuning run used, but the tuned keys (the grid) and the epochs
     (``tuning.epochs``: each run's epochs, the training epochs where it is null). JSON-normalised, so
     that it compares equal to its copy read back from choice.json."""
     from ctan.manifest import read_manifest
+    from ctan.training.checkpoint import code_hash  # torch: not for the Snakefile, which imports this module
 
     cfg = settings.tuning
     manifest = read_manifest(settings.preprocessed_dir)
@@ -112,6 +122,7 @@ def _depends_on(settings: DatasetSettings, arch: str, task: str | None) -> dict[
         "model": settings.model,
         "tasks": [t.to_dict() for t in _tasks(settings, task, manifest)],
         "data_hash": manifest["data_hash"],
+        "training_code": code_hash(),
     }
     return json.loads(json.dumps(document))
 
@@ -127,6 +138,11 @@ def _changes(recorded: Any, current: dict[str, Any]) -> list[str]:
             continue
         if key == "data_hash":
             out.append("the preprocessed data changed (data_hash)")
+        elif key == "training_code":
+            out.append(
+                "the training code changed (ctan's training, models, loader or task code"
+                + (", or it was made by an older ctan)" if was is None else ")")
+            )
         elif key == "tasks":
             out.append("the task definitions changed")
         elif isinstance(now, dict) and isinstance(was, dict):
