@@ -227,6 +227,8 @@ def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
         ("run:\n  seeds: 0\n", "run/seeds: 0 is not a list; write [0] for a list of one"),
         ("run:\n  architectures: [stl, ctna]\n", "'ctna' (known: stl, hps, mtan, ctan, "),
         ("run:\n  architectures: [stl, ctna]\n", "; did you mean 'ctan'?"),
+        # Found by `ctan summarize` before, after every model of the run had trained.
+        ("run:\n  architectures: [hps, ctan]\n", "run/architectures: ['hps', 'ctan'] has no 'stl'"),
         (
             "run:\n  datasets: [ham10000_demo, ham_demo]\n",
             "invalid parameter at run/datasets/1: 'ham_demo' is not defined under datasets: (defined: ",

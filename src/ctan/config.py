@@ -18,6 +18,7 @@ import jsonschema
 import yaml
 
 from ctan.errors import CtanError
+from ctan.layout import SINGLE_TASK
 from ctan.workspace import check_name, inside
 
 SCHEMA = files("ctan") / "data" / "params.schema.yaml"
@@ -81,6 +82,14 @@ def validate(params: dict[str, Any], source: str = "params") -> dict[str, Any]:
             source,
             f"invalid parameter at run/architectures: {', '.join(map(repr, unknown))} "
             f"(known: {', '.join(ARCHITECTURES)})" + (f"; did you mean {close[0]!r}?" if close else ""),
+        )
+    if SINGLE_TASK not in params["run"]["architectures"]:  # else found by `ctan summarize`, after training
+        raise CtanError(
+            source,
+            f"invalid parameter at run/architectures: {params['run']['architectures']} has no "
+            f"{SINGLE_TASK!r}: every comparison (Δ_MTL, summary.csv, ctan compare) is relative to "
+            f"single-task learning; add {SINGLE_TASK} (one model alone trains with "
+            "`ctan train --arch <name>`, whatever run.architectures holds)",
         )
     if any(uses_attention_heads(a) for a in params["run"]["architectures"]):
         for name in params["run"]["datasets"]:
