@@ -250,3 +250,11 @@ def test_the_repository_parameter_files_have_no_repeated_keys():
 
     for path in [REPO / "params.yaml", *sorted((REPO / "config").glob("*.yaml"))]:
         assert read_params_file(path)
+
+
+def test_an_unknown_dataset_on_the_command_line_suggests_the_defined_one():
+    params = load_params([REPO / "params.yaml"])
+    with pytest.raises(CtanError) as err:
+        dataset_settings(params, "ham1000_demo")
+    assert "unknown dataset 'ham1000_demo'; params define: " in str(err.value)
+    assert str(err.value).endswith("; did you mean 'ham10000_demo'?"), str(err.value)

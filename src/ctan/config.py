@@ -492,7 +492,9 @@ def dataset_settings(params: dict[str, Any], name: str) -> DatasetSettings:
     check_name("dataset", name)
     if name not in params["datasets"]:
         known = ", ".join(sorted(params["datasets"]))
-        raise CtanError(None, f"unknown dataset {name!r}; params define: {known}")
+        close = difflib.get_close_matches(name, list(params["datasets"]), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise CtanError(None, f"unknown dataset {name!r}; params define: {known}{hint}")
     ds = params["datasets"][name]
     paths = {"raw": "data/raw", "preprocessed": "data/preprocessed", "models": "models", "results": "results"}
     paths.update(params.get("paths", {}))
