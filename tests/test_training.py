@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,11 +270,24 @@ def test_a_consistent_checkpoint_resumes(tmp_path):
     assert state.epoch == 2 and state.best_epoch == 2
 
 
-def test_training_code_hash_covers_what_snakemake_reruns_train_for():
-    """The files hashed are the ones whose edit reruns `train` in Snakemake (common.smk's STAGE_CODE)."""
-    listed = ", ".join(f'"{entry}"' for entry in checkpoint.TRAINING_CODE)
-    assert f'"train": [{listed}]' in (REPO / "workflow" / "rules" / "common.smk").read_text()
-    assert checkpoint.code_hash() == checkpoint.code_hash()
+def test_training_code_hash_covers_the_training_code_and_only_it(tmp_path, monkeypatch):
+    """The hash moves with an edit to a model or the trainer (the files whose edit reruns `train` in
+    Snakemake, ctan.provenance.STAGE_CODE) and not with plumbing such as the CLI."""
+    from ctan.provenance import stage_code
+
+    package = Path(checkpoint.__file__).resolve().parents[1]
+    files = {f.relative_to(package).as_posix() for f in stage_code("train")}
+    assert {"models/ctan.py", "training/trainer.py", "loader.py", "inference.py"} <= files
+    assert not files & {"cli.py", "config.py", "tracking.py", "evaluation.py"}
+    copy = tmp_path / "ctan"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    fake = copy / "training" / "checkpoint.py"
+    monkeypatch.setattr(checkpoint, "__file__", str(fake))
+    before = checkpoint.code_hash()
+    (copy / "cli.py").write_text((copy / "cli.py").read_text() + "\n# a comment\n")
+    assert checkpoint.code_hash() == before
+    (copy / "models" / "ctan.py").write_text((copy / "models" / "ctan.py").read_text() + "\n# a comment\n")
+    assert checkpoint.code_hash() != before
 
 
 def test_precision_and_memory_format_options(prepared):

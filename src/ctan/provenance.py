@@ -9,6 +9,30 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+# The package's code whose change changes a stage's results, relative to the package: editing it reruns
+# the stage in Snakemake (workflow/rules/common.smk lists these files as inputs; dvc.yaml's deps are held
+# to the same files by a test) and, for "train", changes `ctan.training.checkpoint.code_hash`, so a
+# checkpoint does not resume and a tuning choice is not reused across the edit. Plumbing shared by every
+# command (cli, config, errors, tracking) is left out on purpose. Only .py files, so bytecode caches
+# never count.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "download": ("fetch.py", "datasets"),
+    "preprocess": ("preprocess", "store.py", "manifest.py", "datasets"),
+    "train": ("training", "models", "loader.py", "preprocess/intensity.py", "tasks.py", "inference.py"),
+    "evaluate": ("evaluation.py", "metrics", "inference.py"),
+    "summary": ("summary.py", "comparison.py", "metrics", "provenance.py", "plots.py"),
+}
+
+
+def stage_code(stage: str, package: Path | None = None) -> list[Path]:
+    """The .py files of `STAGE_CODE[stage]` under ``package`` (default: this package), in hashing order."""
+    package = Path(package) if package else Path(__file__).resolve().parent
+    files: list[Path] = []
+    for entry in STAGE_CODE[stage]:
+        path = package / entry
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+    return files
+
 
 def code_version(repo: Path | None = None) -> tuple[str, bool]:
     """(git commit, dirty flag) of the checkout the running ctan code comes from (``repo``: another

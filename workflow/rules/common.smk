@@ -15,6 +15,7 @@ from ctan.models import ARCHITECTURES
 from ctan.config import dataset_settings, external_sets
 from ctan.layout import SINGLE_TASK, choice_path, model_files
 from ctan.config import load_params
+from ctan.provenance import stage_code as provenance_stage_code
 from ctan.config import validate as validate_params
 
 
@@ -101,25 +102,14 @@ def one_of(names: list[str]) -> str:
     """A wildcard constraint matching exactly these names (nothing at all when there are none)."""
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
-# Source code whose change changes a stage's results (the same deps as in dvc.yaml): editing it
-# reruns that stage, as `dvc repro` would. Plumbing shared by every command (cli, config, errors,
-# tracking) is left out on purpose. Only .py files, so bytecode caches never trigger a rerun.
-STAGE_CODE = {
-    "download": ["fetch.py", "datasets"],
-    "preprocess": ["preprocess", "store.py", "manifest.py", "datasets"],
-    "train": ["training", "models", "loader.py", "preprocess/intensity.py", "tasks.py", "inference.py"],
-    "evaluate": ["evaluation.py", "metrics", "inference.py"],
-    "summary": ["summary.py", "comparison.py", "metrics", "provenance.py", "plots.py"],
-}
+# Source code whose change changes a stage's results: ctan.provenance.STAGE_CODE (the same files as
+# dvc.yaml's deps, and for train the files behind a checkpoint's and a tuning choice's code hash).
+# Editing one reruns that stage, as `dvc repro` would.
 PACKAGE = Path(workflow.basedir) / "src" / "ctan"
 
 
 def stage_code(stage: str) -> list[str]:
-    files = []
-    for entry in STAGE_CODE[stage]:
-        path = PACKAGE / entry
-        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
-    return [os.path.relpath(f) for f in files]
+    return [os.path.relpath(f) for f in provenance_stage_code(stage, PACKAGE)]
 
 
 def settings(dataset: str):

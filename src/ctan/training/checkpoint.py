@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ctan.errors import CtanError
-from ctan.provenance import file_sha256
+from ctan.provenance import file_sha256, stage_code
 from ctan.workspace import temporary
 
 
@@ -90,27 +90,14 @@ def verify(path: Path) -> str:
     return actual
 
 
-# The package's code whose change changes a trained model: the "train" entry of STAGE_CODE in
-# workflow/rules/common.smk (editing these files reruns `train` there, and must not resume here).
-TRAINING_CODE: tuple[str, ...] = (
-    "training",
-    "models",
-    "loader.py",
-    "preprocess/intensity.py",
-    "tasks.py",
-    "inference.py",
-)
-
-
 def code_hash() -> str:
-    """SHA-256 over the training code's .py files (relative path and bytes)."""
+    """SHA-256 over the training code's .py files (relative path and bytes): `STAGE_CODE["train"]`,
+    the files whose edit reruns `train` in Snakemake, so a resume or a reused choice never crosses one."""
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        path = package / entry
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(file.relative_to(package).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    for file in stage_code("train", package):
+        digest.update(file.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 
