@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ctan.errors import CtanError
 from ctan.layout import metrics_path
-from ctan.results import read_docs
+from ctan.results import load_metrics, metrics_json, read_docs
 
 DATASET = "ham10000_demo"
 
@@ -58,6 +60,33 @@ def _edit(results: Path, arch: str, seed: int, change) -> Path:
 def test_a_run_as_evaluate_writes_it_reads(results):
     docs = _read(results)
     assert sorted(docs) == [("hps", 0), ("hps", 1), ("stl", 0), ("stl", 1)]
+
+
+def _refuse(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
+    """HD95 is inf with one mask empty and NaN with both: other tools must be able to read the file,
+    and ctan must read back the same numbers (an inf HD95 counts as the worst case, a NaN is skipped)."""
+    doc = _doc("stl", 0, dice=math.nan)
+    doc["per_case"] = {"lesion": {"hd95": {"c1": math.inf, "c2": np.float32(2.5), "c3": math.nan}}}
+    doc["details"] = {"lesion": {"hd95_per_class": [-math.inf, 1.0]}}
+    text = metrics_json(doc)
+    strict = json.loads(text, parse_constant=_refuse)
+    assert strict["tasks"]["lesion"]["dice"] == "NaN"
+    assert strict["per_case"]["lesion"]["hd95"] == {"c1": "Infinity", "c2": 2.5, "c3": "NaN"}
+    path = tmp_path / "metrics.json"
+    path.write_text(text)
+    back = load_metrics(path, "rerun")
+    assert math.isnan(back["tasks"]["lesion"]["dice"])
+    hd95 = back["per_case"]["lesion"]["hd95"]
+    assert hd95["c1"] == math.inf and hd95["c2"] == 2.5 and math.isnan(hd95["c3"])
+    assert back["details"]["lesion"]["hd95_per_class"] == [-math.inf, 1.0]
+    assert back["provenance"]["data_hash"] == "a" * 64
+    # A file from before the change (bare NaN, as Python's json writes by default) still reads.
+    path.write_text(json.dumps(doc | {"per_case": {}}, default=float))
+    assert math.isnan(load_metrics(path, "rerun")["tasks"]["lesion"]["dice"])
 
 
 @pytest.mark.parametrize(

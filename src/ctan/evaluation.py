@@ -28,6 +28,7 @@ from ctan.errors import CtanError
 from ctan.layout import choice_path, model_dir, networks, results_dir
 from ctan.manifest import read_manifest
 from ctan.provenance import code_version, file_sha256, machine
+from ctan.results import metrics_json
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
 from ctan.workspace import partial_folder
@@ -363,7 +364,7 @@ def _evaluate_into(
             "machine": {"training": trained_on_machines, "evaluation": machine(str(dev))},
         },
     }
-    (out / "metrics.json").write_text(json.dumps(document, indent=1, default=_json_default))
+    (out / "metrics.json").write_text(metrics_json(document))
     _log_to_mlflow(params, run_ids, results, prefix=f"external/{on}" if on else "test")
     if len(test_set):
         try:
@@ -558,12 +559,6 @@ def _tuning_record(settings, arch: str) -> dict[str, Any]:
         choice = json.loads(choice_path(settings, arch, key).read_text())
         out[key or "all"] = {"chosen": choice["chosen"], "validation_score": choice["chosen_score"]}
     return out
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(type(value))
 
 
 def _dose_case(item, pred, attrs, structure_names, settings) -> dict[str, float]:

@@ -4,6 +4,7 @@ dataset's own test split and its external test sets) and one metrics.json per ar
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,38 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# NaN (a Dice or HD95 with both masks empty, a structure nobody contoured) and inf (HD95 with one mask
+# empty) are written as these strings, as protobuf's JSON mapping does: bare NaN and Infinity are not
+# JSON, and jq, R's jsonlite and browsers refuse a file that holds them. Only number fields are decoded.
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_NUMBER_SECTIONS = ("tasks", "details", "per_case")
+
+
+def metrics_json(document: dict[str, Any]) -> str:
+    """``document`` as strict JSON text, non-finite numbers spelled as in `NON_FINITE`."""
+
+    def strict(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a numpy scalar
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        return value
+
+    return json.dumps(strict(document), indent=1, allow_nan=False)
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
 def load_metrics(path: Path, fix: str) -> dict[str, Any]:
     """A metrics.json as `ctan evaluate` writes it; a damaged or hand-edited one is an error naming the
     file and ``fix`` (a number that is a string or a boolean would otherwise enter the summary)."""
@@ -126,6 +159,8 @@ def load_metrics(path: Path, fix: str) -> dict[str, Any]:
         raise CtanError(path, f"unreadable ({err.strerror}); {fix}") from None
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
         raise CtanError(path, f"not a readable metrics.json ({type(err).__name__}); {fix}") from None
+    if isinstance(doc, dict):  # files of ctan before 2026-12-04 hold bare NaN, which json reads too
+        doc.update({k: _numbers(doc[k]) for k in _NUMBER_SECTIONS if k in doc})
     problem = _form_problem(doc)
     if problem:
         raise CtanError(path, f"{problem}; {fix}")
