@@ -49,6 +49,10 @@ def test_one_clean_code_version_and_tuned_hyperparameters(rows):
 def test_headline_delta_mtl_is_the_primary_metrics_mean(rows):
     """Recompute each Δ_MTL row from the per-seed metric rows: only `in_delta` metrics count, and HD95
     (reported per task) never does."""
+    assert _checked_delta_rows(rows) >= 2 * (len(ARCHS) - 1)
+
+
+def _checked_delta_rows(rows: list[dict[str, str]]) -> int:
     assert any(r["metric"] == "hd95" for r in rows)
     assert not any(r["metric"] == "hd95" and r["in_delta"] == "True" for r in rows)
     per_seed = defaultdict(lambda: ({}, {}, {}))  # (model, stl, higher_is_better) by task and metric
@@ -70,7 +74,7 @@ def test_headline_delta_mtl_is_the_primary_metrics_mean(rows):
         # summary.csv keeps 6 significant digits of every value
         assert sum(deltas) / len(deltas) == pytest.approx(float(r["value"]), rel=1e-4, abs=1e-3), r
         checked += 1
-    assert checked >= 2 * (len(ARCHS) - 1)
+    return checked
 
 
 def test_comparison_tables_are_ctan_compare_s_rendering():
@@ -122,3 +126,47 @@ def test_the_replication_is_what_the_pipeline_wrote_from_the_published_data(rows
         was = published[r["architecture"], r["seed"], r["task"], r["metric"]]
         assert r["data_content_hash"] == was["data_content_hash"] and r["params_hash"] == was["params_hash"]
         assert learning_rates(r["hyperparameters"]) == learning_rates(was["hyperparameters"]), r
+
+
+FIVE_SEEDS = PUBLISHED / "openkbp-five-seeds-8eb1dc7"
+
+
+def test_the_five_seed_openkbp_run_is_what_the_pipeline_wrote(rows):
+    """docs/results.md's "OpenKBP with five seeds" (8eb1dc7, another CPU): ctan compare's own rendering,
+    one clean commit, seeds 0-4 of every architecture, Δ_MTL rows recomputed from their metric rows, the
+    published data, parameters and learning rates; and the claim the page makes about seeds 0-2: the
+    values of the architectures without CTAE's masks code change (5569f96) are the published ones."""
+    report = json.loads((FIVE_SEEDS / "comparison.json").read_text())
+    assert (FIVE_SEEDS / "comparison.md").read_text() == render_markdown(report)
+    with open(FIVE_SEEDS / "summary.csv", newline="") as fh:
+        five = list(csv.DictReader(fh))
+    metric_rows = [r for r in five if r["row_type"] == "metric"]
+    assert {(r["git_commit"][:7], r["git_dirty"]) for r in metric_rows} == {("8eb1dc7", "False")}
+    assert {r["dataset"] for r in five} == {"openkbp_sample"}
+    seeds = defaultdict(set)
+    for r in metric_rows:
+        seeds[r["architecture"]].add(r["seed"])
+    assert seeds == {a: {"0", "1", "2", "3", "4"} for a in ARCHS}
+    assert _checked_delta_rows(five) == len(ARCHS)  # STL's own row (0) included
+    published = {
+        (r["architecture"], r["seed"], r["task"], r["metric"]): r
+        for r in rows
+        if r["row_type"] == "metric" and r["dataset"] == "openkbp_sample"
+    }
+
+    def learning_rates(text: str) -> str:
+        return ";".join(part.split("@")[0] for part in text.split(";"))
+
+    compared = 0
+    for r in metric_rows:
+        was = published.get((r["architecture"], r["seed"], r["task"], r["metric"]))
+        if was is None:
+            assert r["seed"] in {"3", "4"}
+            continue
+        assert r["data_content_hash"] == was["data_content_hash"] and r["params_hash"] == was["params_hash"]
+        assert learning_rates(r["hyperparameters"]) == learning_rates(was["hyperparameters"]), r
+        if r["architecture"] in {"ctan", "ctan_no_ctab"}:
+            continue
+        assert r["value"] == was["value"], r
+        compared += 1
+    assert compared == 4 * 3 * 4  # STL, HPS, MTAN, CTAN without CTAE; seeds 0-2; four metrics
