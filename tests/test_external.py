@@ -317,9 +317,13 @@ def test_evaluation_refuses_stores_made_with_another_plan(evaluated, tmp_path):
         check_external_manifest(training, other, settings, data)
 
 
+def _not_json(token: str):
+    raise AssertionError(f"{token} is not JSON: jq, R and browsers refuse it")
+
+
 def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch, capsys):
     from ctan.audit import audit
-    from ctan.comparison import compare
+    from ctan.comparison import compare, read_report, render_markdown
     from ctan.summary import summarize
 
     root, params = evaluated
@@ -337,7 +341,8 @@ def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch
     assert {r["data_hash"] for r in external}.isdisjoint(internal_hash)
 
     md = compare(params, root / "results" / "comparison")
-    report = json.loads((md.parent / "comparison.json").read_text())
+    report = json.loads((md.parent / "comparison.json").read_text(), parse_constant=_not_json)
+    assert render_markdown(read_report(md.parent / "comparison.json")) == md.read_text()
     assert report["external"]["ham_site_b"]["trained_on"] == "ham10000_demo"
     assert "hps" in report["external"]["ham_site_b"]["delta_mtl"]
     text = md.read_text()

@@ -6,14 +6,13 @@ only. The tables in docs/results.md are `ctan compare`'s own rendering of the pu
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-from ctan.comparison import render_markdown
+from ctan.comparison import read_report, render_markdown
 from ctan.metrics.mtl import delta_mtl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +77,7 @@ def _checked_delta_rows(rows: list[dict[str, str]]) -> int:
 
 
 def test_comparison_tables_are_ctan_compare_s_rendering():
-    report = json.loads((PUBLISHED / "comparison.json").read_text())
+    report = read_report(PUBLISHED / "comparison.json")
     rendered = render_markdown(report)
     assert (PUBLISHED / "comparison.md").read_text() == rendered
     # docs/results.md quotes the rendering verbatim (from its "### openkbp_sample" heading on)
@@ -88,7 +87,7 @@ def test_comparison_tables_are_ctan_compare_s_rendering():
 
 
 def test_published_comparison_matches_the_summary(rows):
-    report = json.loads((PUBLISHED / "comparison.json").read_text())
+    report = read_report(PUBLISHED / "comparison.json")
     for dataset, entry in report["datasets"].items():
         for arch, d in entry["delta_mtl"].items():
             (row,) = [
@@ -107,7 +106,7 @@ def test_the_replication_is_what_the_pipeline_wrote_from_the_published_data(rows
     """docs/results.md's replication (HAM10000 rerun on another CPU at df8d6b5): ctan compare's own
     rendering, one clean commit, the published data, and every network's tuned learning rate the same
     as published (the claim the page makes); its scores differ, which the page explains."""
-    report = json.loads((REPLICATION / "comparison.json").read_text())
+    report = read_report(REPLICATION / "comparison.json")
     assert (REPLICATION / "comparison.md").read_text() == render_markdown(report)
     with open(REPLICATION / "summary.csv", newline="") as fh:
         rerun = [r for r in csv.DictReader(fh) if r["row_type"] == "metric"]
@@ -136,7 +135,7 @@ def test_the_five_seed_openkbp_run_is_what_the_pipeline_wrote(rows):
     one clean commit, seeds 0-4 of every architecture, Δ_MTL rows recomputed from their metric rows, the
     published data, parameters and learning rates; and the claim the page makes about seeds 0-2: the
     values of the architectures without CTAE's masks code change (5569f96) are the published ones."""
-    report = json.loads((FIVE_SEEDS / "comparison.json").read_text())
+    report = read_report(FIVE_SEEDS / "comparison.json")
     assert (FIVE_SEEDS / "comparison.md").read_text() == render_markdown(report)
     with open(FIVE_SEEDS / "summary.csv", newline="") as fh:
         five = list(csv.DictReader(fh))

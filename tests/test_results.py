@@ -11,7 +11,7 @@ import pytest
 
 from ctan.errors import CtanError
 from ctan.layout import metrics_path
-from ctan.results import load_metrics, metrics_json, read_docs
+from ctan.results import load_metrics, read_docs, strict_json
 
 DATASET = "ham10000_demo"
 
@@ -72,7 +72,7 @@ def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
     doc = _doc("stl", 0, dice=math.nan)
     doc["per_case"] = {"lesion": {"hd95": {"c1": math.inf, "c2": np.float32(2.5), "c3": math.nan}}}
     doc["details"] = {"lesion": {"hd95_per_class": [-math.inf, 1.0]}}
-    text = metrics_json(doc)
+    text = strict_json(doc)
     strict = json.loads(text, parse_constant=_refuse)
     assert strict["tasks"]["lesion"]["dice"] == "NaN"
     assert strict["per_case"]["lesion"]["hd95"] == {"c1": "Infinity", "c2": 2.5, "c3": "NaN"}
@@ -84,6 +84,12 @@ def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
     assert hd95["c1"] == math.inf and hd95["c2"] == 2.5 and math.isnan(hd95["c3"])
     assert back["details"]["lesion"]["hd95_per_class"] == [-math.inf, 1.0]
     assert back["provenance"]["data_hash"] == "a" * 64
+    # comparison.json is written and read the same way (an undefined Δ of one seed is NaN there).
+    from ctan.comparison import read_report
+
+    path.write_text(strict_json({"per_seed": {"0": 5.0, "2": math.nan}}))
+    assert json.loads(path.read_text(), parse_constant=_refuse)["per_seed"]["2"] == "NaN"
+    assert math.isnan(read_report(path)["per_seed"]["2"])
     # A file from before the change (bare NaN, as Python's json writes by default) still reads.
     path.write_text(json.dumps(doc | {"per_case": {}}, default=float))
     assert math.isnan(load_metrics(path, "rerun")["tasks"]["lesion"]["dice"])

@@ -37,7 +37,7 @@ import numpy as np
 from ctan.errors import CtanError
 from ctan.layout import model_dir, networks
 from ctan.metrics.classification import mean_recall, rank_auc
-from ctan.results import evaluated_sets, read_metrics
+from ctan.results import evaluated_sets, json_numbers, read_metrics, strict_json
 
 # The paper's headline: relative improvement over STL averaged over tasks and its four datasets
 # (Kim, Purdie & McIntosh 2023, abstract). Per-dataset figures are not public.
@@ -432,7 +432,7 @@ def compare(params: dict[str, Any], out_dir: Path) -> Path:
     files = (out_dir / "comparison.json", out_dir / "delta_mtl_ci.png", out_dir / "training_cost.png", md)
     # All four or none: each is written under a temporary name and renamed once all are complete.
     with staged(*files) as (json_tmp, delta_tmp, cost_tmp, md_tmp):
-        json_tmp.write_text(json.dumps(report, indent=1))
+        json_tmp.write_text(strict_json(report))
         write_figure(comparison_delta_figure(report, files[1]), delta_tmp, files[1])
         write_figure(comparison_cost_figure(report), cost_tmp, files[2])
         md_tmp.write_text(render_markdown(report))
@@ -482,6 +482,11 @@ def best_of(means: dict[str, float], higher_is_better: bool) -> set[str]:
     top = (max if higher_is_better else min)(finite.values())
     best = {a for a, v in finite.items() if math.isclose(v, top, rel_tol=1e-12, abs_tol=0.0)}
     return set() if len(best) == len(means) > 1 else best
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A comparison.json as `ctan compare` wrote it, its spelled NaN and Infinity numbers again."""
+    return json_numbers(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ from ctan.errors import CtanError
 from ctan.layout import choice_path, model_dir, networks, results_dir
 from ctan.manifest import read_manifest
 from ctan.provenance import code_version, file_sha256, machine
-from ctan.results import metrics_json
+from ctan.results import strict_json
 from ctan.tasks import Task, dataset_tasks
 from ctan.training import checkpoint
 from ctan.workspace import partial_folder
@@ -364,7 +364,7 @@ def _evaluate_into(
             "machine": {"training": trained_on_machines, "evaluation": machine(str(dev))},
         },
     }
-    (out / "metrics.json").write_text(metrics_json(document))
+    (out / "metrics.json").write_text(strict_json(document))
     _log_to_mlflow(params, run_ids, results, prefix=f"external/{on}" if on else "test")
     if len(test_set):
         try:

@@ -119,13 +119,14 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # NaN (a Dice or HD95 with both masks empty, a structure nobody contoured) and inf (HD95 with one mask
-# empty) are written as these strings, as protobuf's JSON mapping does: bare NaN and Infinity are not
-# JSON, and jq, R's jsonlite and browsers refuse a file that holds them. Only number fields are decoded.
+# empty) are written as these strings in metrics.json and comparison.json, as protobuf's JSON mapping
+# does: bare NaN and Infinity are not JSON, and jq, R's jsonlite and browsers refuse a file that holds
+# them. Reading decodes them in number fields only.
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _NUMBER_SECTIONS = ("tasks", "details", "per_case")
 
 
-def metrics_json(document: dict[str, Any]) -> str:
+def strict_json(document: dict[str, Any]) -> str:
     """``document`` as strict JSON text, non-finite numbers spelled as in `NON_FINITE`."""
 
     def strict(value: Any) -> Any:
@@ -142,11 +143,12 @@ def metrics_json(document: dict[str, Any]) -> str:
     return json.dumps(strict(document), indent=1, allow_nan=False)
 
 
-def _numbers(value: Any) -> Any:
+def json_numbers(value: Any) -> Any:
+    """``value`` read from `strict_json`'s text, with the spelled non-finite values as floats again."""
     if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
+        return {k: json_numbers(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_numbers(v) for v in value]
+        return [json_numbers(v) for v in value]
     return NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
@@ -160,7 +162,7 @@ def load_metrics(path: Path, fix: str) -> dict[str, Any]:
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
         raise CtanError(path, f"not a readable metrics.json ({type(err).__name__}); {fix}") from None
     if isinstance(doc, dict):  # files of ctan before 2026-12-04 hold bare NaN, which json reads too
-        doc.update({k: _numbers(doc[k]) for k in _NUMBER_SECTIONS if k in doc})
+        doc.update({k: json_numbers(doc[k]) for k in _NUMBER_SECTIONS if k in doc})
     problem = _form_problem(doc)
     if problem:
         raise CtanError(path, f"{problem}; {fix}")
