@@ -128,37 +128,45 @@ def test_the_replication_is_what_the_pipeline_wrote_from_the_published_data(rows
 
 
 FIVE_SEEDS = PUBLISHED / "openkbp-five-seeds-8eb1dc7"
+TEN_SEEDS = PUBLISHED / "openkbp-ten-seeds-8eb1dc7"
+
+
+def _openkbp_run(folder: Path, seeds: int) -> list[dict[str, str]]:
+    """The metric rows of a published OpenKBP-only run at 8eb1dc7 after checking what every such run
+    must be: ctan compare's own rendering, one clean commit, seeds 0..seeds-1 of every architecture,
+    Δ_MTL rows recomputed from their metric rows."""
+    report = read_report(folder / "comparison.json")
+    assert (folder / "comparison.md").read_text() == render_markdown(report)
+    with open(folder / "summary.csv", newline="") as fh:
+        run = list(csv.DictReader(fh))
+    metric_rows = [r for r in run if r["row_type"] == "metric"]
+    assert {(r["git_commit"][:7], r["git_dirty"]) for r in metric_rows} == {("8eb1dc7", "False")}
+    assert {r["dataset"] for r in run} == {"openkbp_sample"}
+    found = defaultdict(set)
+    for r in metric_rows:
+        found[r["architecture"]].add(int(r["seed"]))
+    assert found == {a: set(range(seeds)) for a in ARCHS}
+    assert _checked_delta_rows(run) == len(ARCHS)  # STL's own row (0) included
+    return metric_rows
+
+
+def _key(r: dict[str, str]) -> tuple[str, str, str, str]:
+    return r["architecture"], r["seed"], r["task"], r["metric"]
 
 
 def test_the_five_seed_openkbp_run_is_what_the_pipeline_wrote(rows):
-    """docs/results.md's "OpenKBP with five seeds" (8eb1dc7, another CPU): ctan compare's own rendering,
-    one clean commit, seeds 0-4 of every architecture, Δ_MTL rows recomputed from their metric rows, the
-    published data, parameters and learning rates; and the claim the page makes about seeds 0-2: the
-    values of the architectures without CTAE's masks code change (5569f96) are the published ones."""
-    report = read_report(FIVE_SEEDS / "comparison.json")
-    assert (FIVE_SEEDS / "comparison.md").read_text() == render_markdown(report)
-    with open(FIVE_SEEDS / "summary.csv", newline="") as fh:
-        five = list(csv.DictReader(fh))
-    metric_rows = [r for r in five if r["row_type"] == "metric"]
-    assert {(r["git_commit"][:7], r["git_dirty"]) for r in metric_rows} == {("8eb1dc7", "False")}
-    assert {r["dataset"] for r in five} == {"openkbp_sample"}
-    seeds = defaultdict(set)
-    for r in metric_rows:
-        seeds[r["architecture"]].add(r["seed"])
-    assert seeds == {a: {"0", "1", "2", "3", "4"} for a in ARCHS}
-    assert _checked_delta_rows(five) == len(ARCHS)  # STL's own row (0) included
-    published = {
-        (r["architecture"], r["seed"], r["task"], r["metric"]): r
-        for r in rows
-        if r["row_type"] == "metric" and r["dataset"] == "openkbp_sample"
-    }
+    """docs/results.md's "OpenKBP with five seeds" (8eb1dc7, another CPU): the published data,
+    parameters and learning rates; and the claim the page makes about seeds 0-2: the values of the
+    architectures without CTAE's masks code change (5569f96) are the published ones."""
+    metric_rows = _openkbp_run(FIVE_SEEDS, 5)
+    published = {_key(r): r for r in rows if r["row_type"] == "metric" and r["dataset"] == "openkbp_sample"}
 
     def learning_rates(text: str) -> str:
         return ";".join(part.split("@")[0] for part in text.split(";"))
 
     compared = 0
     for r in metric_rows:
-        was = published.get((r["architecture"], r["seed"], r["task"], r["metric"]))
+        was = published.get(_key(r))
         if was is None:
             assert r["seed"] in {"3", "4"}
             continue
