@@ -130,7 +130,8 @@ stop_daemons() {
 }
 
 node_state() {
-    sinfo --noheader --node "$NODE" --format %t 2>/dev/null | head -n 1
+    # a controller that died after its pid was checked leaves sinfo waiting for it; do not wait forever
+    timeout 10 sinfo --noheader --node "$NODE" --format %t 2>/dev/null | head -n 1
 }
 
 start() {
@@ -174,8 +175,33 @@ start() {
     idle | mix | alloc) ;;
     *) die "node $NODE is '${state:-unreachable}' after ${WAIT}s; see $BASE/log/slurmctld.log and $BASE/log/slurmd.log" ;;
     esac
+    cancel_orphans
     sinfo
     log "cluster up: node $NODE, partition debug; config $CONF; logs in $BASE/log/"
+}
+
+steps_alive() { # job id -> true when a slurmstepd of that job runs on this host
+    pgrep -f "^slurmstepd: \\[$1\\." >/dev/null
+}
+
+cancel_orphans() {
+    # slurmctld restores its saved state on start: a job that was running when the host's processes were
+    # killed (a container restarted, no reboot) is listed as RUNNING again, holding its CPUs until its time
+    # limit, because the node's boot time did not change. Such a job has no slurmstepd; cancel it. Checked
+    # twice, so that a job starting right now (its step not yet forked) is not taken for one.
+    local id orphans=()
+    for id in $(timeout 10 squeue --noheader --states=RUNNING,COMPLETING,SUSPENDED --format=%i 2>/dev/null); do
+        steps_alive "$id" || orphans+=("$id")
+    done
+    [[ ${#orphans[@]} == 0 ]] && return
+    sleep 2
+    local dead=()
+    for id in "${orphans[@]}"; do
+        steps_alive "$id" || dead+=("$id")
+    done
+    [[ ${#dead[@]} == 0 ]] && return
+    log "cancelling jobs whose processes are gone (left by daemons that were killed): ${dead[*]}"
+    scancel "${dead[@]}"
 }
 
 status() {

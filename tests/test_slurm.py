@@ -8,7 +8,8 @@ What must hold for a researcher who moves to their cluster (docs/cluster.md):
   shared storage, after which `dvc status` is clean and the data hash is the one the workflow recorded.
 
 Under CI=true the cluster is brought up here with .ci/slurm-cluster.sh (root) and the test fails if it
-cannot be; elsewhere it runs only where a cluster already answers (`sudo .ci/slurm-cluster.sh` first).
+cannot be; jobs that an earlier, killed run left in its queue are cancelled first. Elsewhere it runs only
+where a cluster already answers (`sudo .ci/slurm-cluster.sh` first).
 Both workflow runs work on copies of the checkout (git-tracked and unignored files) in a tmp folder.
 """
 
@@ -73,7 +74,47 @@ def slurm_cluster() -> float:
     done = _sh(command, timeout=600)
     if done.returncode != 0 or not _cluster_answers():
         pytest.fail(f"CI=true: the one-node SLURM cluster did not come up:\n{done.stdout}\n{done.stderr}")
+    _cancel_leftover_jobs(command[: command.index(str(CLUSTER_SCRIPT))])
     return time.monotonic() - start
+
+
+def _cancel_leftover_jobs(sudo: list[str], timeout: float = 60) -> None:
+    """Under CI the cluster is this test's own: jobs still queued or running come from an earlier run that
+    was killed (a pending batch job, a killed Snakemake's jobs) and would hold the node's CPUs."""
+    queued = _sh(["squeue", "--noheader", "--format=%i"]).stdout.split()
+    if not queued:
+        return
+    print(f"cancelling SLURM jobs left by an earlier run: {' '.join(queued)}")
+    _sh([*sudo, "scancel", *queued])
+    deadline = time.monotonic() + timeout
+    while _sh(["squeue", "--noheader", "--format=%i"]).stdout.split():
+        if time.monotonic() > deadline:
+            pytest.fail(f"CI=true: jobs left by an earlier run did not leave the queue:\n{_queue_report()}")
+        time.sleep(1)
+
+
+def _queue_report() -> str:
+    """What the controller says about the jobs still queued or running and about the node, for a failure
+    message."""
+    queue = _sh(["squeue", "--noheader", "--format=%i %j %T %r %M %C"]).stdout
+    node = _sh(["sinfo", "--Node", "--noheader", "--format=%N %t CPUs(A/I/O/T)=%C"]).stdout
+    return f"squeue:\n{queue.strip() or '(empty)'}\nsinfo:\n{node.strip()}"
+
+
+def _wait_for_job(job_id: str, timeout: float) -> str:
+    """The job's final state; past the timeout the job is cancelled (so that it cannot hold the node for a
+    later run) and the test fails with what the controller says about it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = _sh(["squeue", "--jobs", job_id, "--states=all", "--noheader", "--format=%T"]).stdout.strip()
+        if state and state not in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"}:
+            return state
+        if time.monotonic() > deadline:
+            report = _queue_report()
+            _sh(["scancel", job_id])
+            still = state or "(unknown)"
+            pytest.fail(f"SLURM job {job_id} still {still} after {timeout:.0f} s; cancelled\n{report}")
+        time.sleep(2)
 
 
 def _environment(checkout: Path) -> dict[str, str]:
@@ -260,16 +301,14 @@ def test_dvc_repro_batch_job_leaves_status_clean(workflow_runs, tmp_path_factory
     stage = f"preprocess@{dataset}"
     env["CTAN_DVC_CACHE"] = str(tmp_path_factory.mktemp("shared") / "dvc-cache")
     (checkout / "logs").mkdir(exist_ok=True)
-    done = _sh(
-        ["sbatch", "--wait", "--parsable", "--mem=2000", "workflow/cluster/dvc-repro.sbatch", stage],
-        cwd=checkout,
-        env=env,
-        timeout=600,
-    )
-    job_id = done.stdout.strip().split(";")[0]
+    batch = ["sbatch", "--parsable", "--mem=2000", "workflow/cluster/dvc-repro.sbatch", stage]
+    submitted = _sh(batch, cwd=checkout, env=env)
+    assert submitted.returncode == 0, f"sbatch exit {submitted.returncode}: {submitted.stderr}"
+    job_id = submitted.stdout.strip().split(";")[0]
+    state = _wait_for_job(job_id, timeout=600)
     job_log = checkout / "logs" / f"ctan-dvc-repro-{job_id}.log"
     log_text = job_log.read_text() if job_log.is_file() else f"(no {job_log})"
-    assert done.returncode == 0, f"sbatch --wait exit {done.returncode}: {done.stderr}\n{log_text[-4000:]}"
+    assert state == "COMPLETED", f"SLURM job {job_id} ended {state}:\n{log_text[-4000:]}"
     assert f"SLURM_JOB_ID={job_id}" in log_text
 
     status = _sh(["dvc", "status", "--json", stage], cwd=checkout, env=env)
