@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,16 @@ def shared_data() -> Path:
             pytest.fail(f"{SHARED_DATA} is missing, and CI=true requires the real data samples")
         pytest.skip(f"real data samples not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def strict_json_loads(text: str):
+    """JSON as the standard has it: bare ``NaN`` and ``Infinity`` are not JSON (jq, R's jsonlite and
+    browsers refuse them), so a file ctan writes must parse here."""
+
+    def refuse(token: str):
+        raise AssertionError(f"{token} is not JSON: jq, R and browsers refuse it")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import strict_json_loads
 from ctan.config import dataset_settings, external_sets, load_params, validate
 from ctan.errors import CtanError
 from ctan.fetch import download_dataset
@@ -317,10 +318,6 @@ def test_evaluation_refuses_stores_made_with_another_plan(evaluated, tmp_path):
         check_external_manifest(training, other, settings, data)
 
 
-def _not_json(token: str):
-    raise AssertionError(f"{token} is not JSON: jq, R and browsers refuse it")
-
-
 def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch, capsys):
     from ctan.audit import audit
     from ctan.comparison import compare, read_report, render_markdown
@@ -341,7 +338,7 @@ def test_summary_comparison_and_audit_cover_external_sets(evaluated, monkeypatch
     assert {r["data_hash"] for r in external}.isdisjoint(internal_hash)
 
     md = compare(params, root / "results" / "comparison")
-    report = json.loads((md.parent / "comparison.json").read_text(), parse_constant=_not_json)
+    report = strict_json_loads((md.parent / "comparison.json").read_text())
     assert render_markdown(read_report(md.parent / "comparison.json")) == md.read_text()
     assert report["external"]["ham_site_b"]["trained_on"] == "ham10000_demo"
     assert "hps" in report["external"]["ham_site_b"]["delta_mtl"]

@@ -5,13 +5,13 @@ that turned an improvement into a loss, scikit-learn tracebacks for NaN scores."
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import strict_json_loads
 from ctan.cli import main
 from ctan.errors import CtanError
 from ctan.metrics import classification as C
@@ -58,15 +58,6 @@ def test_dvh_metrics_refuse_voxel_dimensions_that_are_not_positive(dims):
         D.dvh_metrics(reference, {"Brainstem": mask}, dims)
 
 
-def _strict_json(text: str):
-    """JSON as the standard has it: ``NaN`` and ``Infinity`` are not JSON (jq, browsers refuse them)."""
-
-    def refuse(token: str):
-        raise ValueError(f"not JSON: {token}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def _score_command(tmp_path: Path) -> list[str]:
     return ["openkbp-score", "--reference", str(tmp_path / "ref"), "--predictions", str(tmp_path / "preds")]
 
@@ -82,7 +73,7 @@ def test_openkbp_score_writes_null_for_a_patient_without_a_contoured_roi(tmp_pat
     out = tmp_path / "score.json"
     assert main([*_score_command(tmp_path), "--output", str(out)]) == 0
     for text in (out.read_text(), capsys.readouterr().out):
-        result = _strict_json(text)
+        result = strict_json_loads(text)
         no_roi = {"dose_score": pytest.approx(1.0), "dvh_score": None, "dvh_count": 0}
         assert result["patients"]["pt_2"] == no_roi
         assert result["patients"]["pt_1"]["dvh_count"] == 5

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import strict_json_loads
 from ctan.errors import CtanError
 from ctan.layout import metrics_path
 from ctan.results import load_metrics, read_docs, strict_json
@@ -62,10 +63,6 @@ def test_a_run_as_evaluate_writes_it_reads(results):
     assert sorted(docs) == [("hps", 0), ("hps", 1), ("stl", 0), ("stl", 1)]
 
 
-def _refuse(constant: str):
-    raise AssertionError(f"{constant} is not JSON")
-
-
 def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
     """HD95 is inf with one mask empty and NaN with both: other tools must be able to read the file,
     and ctan must read back the same numbers (an inf HD95 counts as the worst case, a NaN is skipped)."""
@@ -73,7 +70,7 @@ def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
     doc["per_case"] = {"lesion": {"hd95": {"c1": math.inf, "c2": np.float32(2.5), "c3": math.nan}}}
     doc["details"] = {"lesion": {"hd95_per_class": [-math.inf, 1.0]}}
     text = strict_json(doc)
-    strict = json.loads(text, parse_constant=_refuse)
+    strict = strict_json_loads(text)
     assert strict["tasks"]["lesion"]["dice"] == "NaN"
     assert strict["per_case"]["lesion"]["hd95"] == {"c1": "Infinity", "c2": 2.5, "c3": "NaN"}
     path = tmp_path / "metrics.json"
@@ -88,7 +85,7 @@ def test_non_finite_numbers_are_written_as_strict_json_and_read_back(tmp_path):
     from ctan.comparison import read_report
 
     path.write_text(strict_json({"per_seed": {"0": 5.0, "2": math.nan}}))
-    assert json.loads(path.read_text(), parse_constant=_refuse)["per_seed"]["2"] == "NaN"
+    assert strict_json_loads(path.read_text())["per_seed"]["2"] == "NaN"
     assert math.isnan(read_report(path)["per_seed"]["2"])
     # A file from before the change (bare NaN, as Python's json writes by default) still reads.
     path.write_text(json.dumps(doc | {"per_case": {}}, default=float))
