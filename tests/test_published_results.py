@@ -132,15 +132,16 @@ TEN_SEEDS = PUBLISHED / "openkbp-ten-seeds-8eb1dc7"
 
 
 def _openkbp_run(folder: Path, seeds: int) -> list[dict[str, str]]:
-    """The metric rows of a published OpenKBP-only run at 8eb1dc7 after checking what every such run
-    must be: ctan compare's own rendering, one clean commit, seeds 0..seeds-1 of every architecture,
-    Δ_MTL rows recomputed from their metric rows."""
+    """The metric rows of a published OpenKBP-only run after checking what every such run must be:
+    ctan compare's own rendering, one clean commit (the one its folder names), seeds 0..seeds-1 of every
+    architecture, Δ_MTL rows recomputed from their metric rows."""
     report = read_report(folder / "comparison.json")
     assert (folder / "comparison.md").read_text() == render_markdown(report)
     with open(folder / "summary.csv", newline="") as fh:
         run = list(csv.DictReader(fh))
     metric_rows = [r for r in run if r["row_type"] == "metric"]
-    assert {(r["git_commit"][:7], r["git_dirty"]) for r in metric_rows} == {("8eb1dc7", "False")}
+    commit = folder.name.rsplit("-", 1)[1]
+    assert {(r["git_commit"][: len(commit)], r["git_dirty"]) for r in metric_rows} == {(commit, "False")}
     assert {r["dataset"] for r in run} == {"openkbp_sample"}
     found = defaultdict(set)
     for r in metric_rows:
