@@ -8,22 +8,123 @@ they share features, not in their layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 NORM_GROUPS = 8
 """Upper bound on GroupNorm groups; ``gcd(channels, 8)`` groups are used (instance norm at <= 8 channels)."""
 
 
+_CHANNELS_LAST_BACKWARD = True
+
+
+@contextlib.contextmanager
+def channels_last_backward(enabled: bool) -> Iterator[None]:
+    """Turn `Conv3d`'s channels-last backward on or off, for A/B measurements (benchmarks/)."""
+    global _CHANNELS_LAST_BACKWARD
+    before, _CHANNELS_LAST_BACKWARD = _CHANNELS_LAST_BACKWARD, enabled
+    try:
+        yield
+    finally:
+        _CHANNELS_LAST_BACKWARD = before
+
+
+def _backward_in_channels_last(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a 3D convolution's gradients are better computed on channels-last copies: on a CPU, in
+    plain fp32 training with contiguous (channels-first) tensors. Inference, CUDA, autocast and a
+    model already in channels-last keep PyTorch's own path."""
+    return (
+        _CHANNELS_LAST_BACKWARD
+        and x.device.type == "cpu"
+        and x.dim() == 5
+        and x.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not torch.is_autocast_enabled("cpu")
+        and x.is_contiguous()
+    )
+
+
+class _ChannelsLastBackward(torch.autograd.Function):
+    """A 3D (transposed) convolution whose forward is PyTorch's own and whose backward runs on
+    channels-last copies of the input and the output gradient.
+
+    Why: for channels-first 3D tensors oneDNN computes the weight gradient by im2col + GEMM
+    (``x64:gemm:jit``) and the input gradient through 16-channel blocked copies, both slow at the few
+    channels of the first stages; in channels-last it has direct kernels. On one CPU thread a stage-0
+    OpenKBP convolution's (8 -> 8 channels, 2x24x40x40) backward took 26 ms against 7 ms
+    (docs/architecture.md, "A seventh round"). The forward, and so every prediction, is unchanged
+    bit for bit; the gradients agree to rounding. In 2D the copies cost what the kernels save.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+        args = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.args = args
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return torch.ops.aten.convolution(x, weight, bias, *args)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out.contiguous(memory_format=torch.channels_last_3d),
+            x.contiguous(memory_format=torch.channels_last_3d),
+            weight,
+            ctx.bias_sizes,
+            *ctx.args,
+            mask,
+        )
+        # Back to the layout the rest of the network has (element-wise ops on mixed layouts are slow).
+        grad_x = None if grad_x is None else grad_x.contiguous()
+        grad_w = None if grad_w is None else grad_w.contiguous()
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class Conv3d(nn.Conv3d):
+    """`nn.Conv3d` (same parameters and state dict) with `_ChannelsLastBackward` where it applies."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.padding, str) or not _backward_in_channels_last(x, weight):
+            return super()._conv_forward(x, weight, bias)
+        if self.padding_mode != "zeros":  # padded here, as nn.Conv3d does
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = [0, 0, 0]
+        else:
+            padding = list(self.padding)
+        geometry = (list(self.stride), padding, list(self.dilation), False, [0, 0, 0], self.groups)
+        return _ChannelsLastBackward.apply(x, weight, bias, *geometry)
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """`nn.ConvTranspose3d` (same parameters and state dict) with `_ChannelsLastBackward` where it applies."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros" or not _backward_in_channels_last(x, self.weight):
+            return super().forward(x, output_size)
+        stride, padding, dilation = list(self.stride), list(self.padding), list(self.dilation)
+        output_padding = self._output_padding(
+            x, output_size, stride, padding, list(self.kernel_size), 3, dilation
+        )
+        geometry = (stride, padding, dilation, True, list(output_padding), self.groups)
+        return _ChannelsLastBackward.apply(x, self.weight, self.bias, *geometry)
+
+
 def conv_type(spatial_dims: int) -> type[nn.Module]:
-    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+    return {2: nn.Conv2d, 3: Conv3d}[spatial_dims]
 
 
 def conv_transpose_type(spatial_dims: int) -> type[nn.Module]:
-    return {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+    return {2: nn.ConvTranspose2d, 3: ConvTranspose3d}[spatial_dims]
 
 
 def max_pool(spatial_dims: int) -> nn.Module:
