@@ -81,16 +81,20 @@ def slurm_cluster() -> float:
 def _cancel_leftover_jobs(sudo: list[str], timeout: float = 60) -> None:
     """Under CI the cluster is this test's own: jobs still queued or running come from an earlier run that
     was killed (a pending batch job, a killed Snakemake's jobs) and would hold the node's CPUs."""
-    queued = _sh(["squeue", "--noheader", "--format=%i"]).stdout.split()
+    queued = _queued_job_ids()
     if not queued:
         return
     print(f"cancelling SLURM jobs left by an earlier run: {' '.join(queued)}")
     _sh([*sudo, "scancel", *queued])
     deadline = time.monotonic() + timeout
-    while _sh(["squeue", "--noheader", "--format=%i"]).stdout.split():
+    while _queued_job_ids():
         if time.monotonic() > deadline:
             pytest.fail(f"CI=true: jobs left by an earlier run did not leave the queue:\n{_queue_report()}")
         time.sleep(1)
+
+
+def _queued_job_ids() -> list[str]:
+    return _sh(["squeue", "--noheader", "--format=%i"]).stdout.split()
 
 
 def _queue_report() -> str:
@@ -111,7 +115,7 @@ def _wait_for_job(job_id: str, timeout: float) -> str:
             return state
         if time.monotonic() > deadline:
             report = _queue_report()
-            _sh(["scancel", job_id])
+            _sh(["scancel", job_id])  # the test's own job: no sudo needed
             still = state or "(unknown)"
             pytest.fail(f"SLURM job {job_id} still {still} after {timeout:.0f} s; cancelled\n{report}")
         time.sleep(2)
