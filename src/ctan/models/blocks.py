@@ -1,7 +1,8 @@
 """Layer factories and small blocks shared by every architecture, for 2D and 3D alike.
 
-One code path serves both: a factory picks ``nn.Conv2d`` or ``nn.Conv3d`` (and friends) from
-``spatial_dims``, as MONAI's networks do. The same normalisation (GroupNorm) and activation
+One code path serves both: a factory picks ``nn.Conv2d`` or `Conv3d` (and friends) from
+``spatial_dims``, as MONAI's networks do; `Conv3d` and `ConvTranspose3d` are PyTorch's layers with a
+faster backward on the CPU. The same normalisation (GroupNorm) and activation
 (LeakyReLU) are used everywhere, attention masks included, so that architectures differ only in how
 they share features, not in their layers.
 """
