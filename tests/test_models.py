@@ -8,7 +8,7 @@ import torch
 from ctan import cli
 from ctan.errors import CtanError
 from ctan.models import ARCHITECTURES, build_model
-from ctan.models.blocks import SoftMask
+from ctan.models.blocks import SoftMask, upsample
 from ctan.tasks import Task
 
 WIDTH, DEPTH, HEADS = 4, 2, 2
@@ -235,3 +235,39 @@ def test_a_size_that_is_a_multiple_of_2_to_the_depth_is_not_padded() -> None:
         assert all(
             torch.equal(a, b) for a, b in zip(model(x).values(), model.predict(x).values(), strict=True)
         )
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 9), (1, 2, 5, 4, 6), (2, 3, 1, 1, 1), (2, 16, 6, 10, 10)])
+def test_upsample_is_align_corners_interpolation(shape: tuple[int, ...]) -> None:
+    """MTAN's up-sampling as one matrix product per axis computes F.interpolate's function, forward and
+    backward, and rounds closer to it than F.interpolate's own fp32 kernel does."""
+    mode = "bilinear" if len(shape) == 4 else "trilinear"
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    exact = torch.nn.functional.interpolate(x.double(), scale_factor=2, mode=mode, align_corners=True)
+    y = upsample(x)
+    assert y.shape == exact.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), exact, atol=2e-6, rtol=0)
+    g = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (expected,) = torch.autograd.grad(exact, x, g)
+    (got,) = torch.autograd.grad(y, x, g.float())
+    torch.testing.assert_close(got.double(), expected.double(), atol=1e-5, rtol=0)
+
+
+def test_upsample_strided_input_and_inference_mode() -> None:
+    """A task's slice of a stacked tensor (not contiguous) gives what its copy gives (to rounding), and
+    matrices first made under inference mode still serve training afterwards (they are cached)."""
+    stacked = torch.randn(2, 3, 11, 13, 17)  # sizes no other test caches first
+    with torch.inference_mode():
+        first = upsample(stacked[:, 1:2].clone())
+    x = stacked.transpose(0, 1)[1].unsqueeze(1).requires_grad_()  # strided
+    torch.testing.assert_close(upsample(x), first, atol=1e-6, rtol=0)
+    upsample(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_upsample_keeps_f_interpolate_under_autocast() -> None:
+    x = torch.randn(1, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = upsample(x)
+        expected = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
