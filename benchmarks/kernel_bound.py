@@ -77,7 +77,13 @@ def traced_step_ms(params: list[Path], name: str, arch: str, threads: int, steps
     )
     if done.returncode != 0 or MARK not in done.stdout:
         raise SystemExit(f"traced run of {name} {arch} failed:\n{done.stderr[-2000:]}")
-    return onednn_milliseconds(done.stdout.split(MARK, 1)[1]) / steps
+    total = onednn_milliseconds(done.stdout.split(MARK, 1)[1])
+    if total <= 0:
+        raise SystemExit(
+            f"oneDNN traced no kernel for {name} {arch}: this torch does not run its CPU convolutions "
+            f"through oneDNN (torch.backends.mkldnn.is_available() is {torch.backends.mkldnn.is_available()})"
+        )
+    return total / steps
 
 
 def run_worker(spec: str) -> None:
