@@ -25,7 +25,18 @@ import sys
 from pathlib import Path
 
 import torch
-from models import REPO, demo_configs, describe, markdown, setup, step_times, training_step
+from models import (
+    REPO,
+    Config,
+    config_from_json,
+    config_to_json,
+    demo_configs,
+    describe,
+    markdown,
+    setup,
+    step_times,
+    training_step,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ctan.device import keep_freed_memory
@@ -66,34 +77,35 @@ def onednn_milliseconds(trace: str) -> float:
     return total
 
 
-def traced_step_ms(params: list[Path], name: str, arch: str, threads: int, steps: int) -> float:
-    """oneDNN milliseconds a step, from a child process that trains ``steps`` steps under the trace."""
-    spec = json.dumps(
-        {"params": [str(p) for p in params], "name": name, "arch": arch, "threads": threads, "steps": steps}
-    )
+def traced_step(cfg: Config, arch: str, threads: int, steps: int) -> tuple[float, int]:
+    """oneDNN milliseconds a step, and the operator calls a step makes, from a child process that trains
+    ``steps`` steps under the trace."""
+    spec = json.dumps({"config": config_to_json(cfg), "arch": arch, "threads": threads, "steps": steps})
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"}
     done = subprocess.run(
         [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, env=env, check=False
     )
     if done.returncode != 0 or MARK not in done.stdout:
-        raise SystemExit(f"traced run of {name} {arch} failed:\n{done.stderr[-2000:]}")
-    total = onednn_milliseconds(done.stdout.split(MARK, 1)[1])
+        raise SystemExit(f"traced run of {cfg.name} {arch} failed:\n{done.stderr[-2000:]}")
+    before, trace = done.stdout.split(MARK, 1)
+    calls = json.loads(before.strip().splitlines()[-1])["operator_calls"]
+    total = onednn_milliseconds(trace)
     if total <= 0:
         raise SystemExit(
-            f"oneDNN traced no kernel for {name} {arch}: this torch does not run its CPU convolutions "
+            f"oneDNN traced no kernel for {cfg.name} {arch}: this torch does not run its CPU convolutions "
             f"through oneDNN (torch.backends.mkldnn.is_available() is {torch.backends.mkldnn.is_available()})"
         )
-    return total / steps
+    return total / steps, calls
 
 
 def run_worker(spec: str) -> None:
     s = json.loads(spec)
     torch.set_num_threads(s["threads"])
     keep_freed_memory()
-    cfg = next(c for c in demo_configs([Path(p) for p in s["params"]]) if c.name == s["name"])
-    model, x = setup(cfg, s["arch"], "cpu")
+    model, x = setup(config_from_json(s["config"]), s["arch"], "cpu")
     for _ in range(2):  # primitive creation happens here, outside the traced steps
         training_step(model, x)
+    print(json.dumps({"operator_calls": operator_calls(model, x)}))
     print(MARK, flush=True)
     for _ in range(s["steps"]):
         training_step(model, x)
@@ -136,10 +148,7 @@ def main() -> None:
     for cfg in configs:
         times, flops, matmul = step_times(cfg, args.archs, args.steps, "cpu")
         for arch in args.archs:
-            model, x = setup(cfg, arch, "cpu")
-            training_step(model, x)
-            calls = operator_calls(model, x)
-            kernels = traced_step_ms(params, cfg.name, arch, args.threads, args.steps)
+            kernels, calls = traced_step(cfg, arch, args.threads, args.steps)
             step = times[arch] * 1000
             rows.append(
                 [

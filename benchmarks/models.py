@@ -258,17 +258,26 @@ def profile(cfg: Config, arch: str, device: str, rows: int = 20) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def config_to_json(cfg: Config) -> dict:
+    """A configuration as JSON for a worker process (`config_from_json` reads it back)."""
+    return cfg.__dict__ | {"shape": list(cfg.shape)}
+
+
+def config_from_json(data: dict) -> Config:
+    return Config(**{**data, "shape": tuple(data["shape"])})
+
+
 def run_worker(spec: str) -> None:
     args = json.loads(spec)
     torch.set_num_threads(args["threads"])
     keep_freed_memory()
-    cfg = Config(**{**args["config"], "shape": tuple(args["config"]["shape"])})
+    cfg = config_from_json(args["config"])
     print(json.dumps({"peak_mib": peak_memory(cfg, args["arch"], args["device"])}))
 
 
 def measure_memory(cfg: Config, arch: str, threads: int, device: str) -> float:
     spec = {
-        "config": cfg.__dict__ | {"shape": list(cfg.shape)},
+        "config": config_to_json(cfg),
         "arch": arch,
         "threads": threads,
         "device": device,
